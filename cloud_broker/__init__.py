@@ -1,0 +1,1 @@
+"""The paired cloud broker: pure core, listeners, persistence, file transfer, rules."""

@@ -1,0 +1,1 @@
+"""Pure broker core: sessions, routing, retained messages. No I/O."""

@@ -1,0 +1,1 @@
+"""Network listeners that feed bytes into the pure broker core."""

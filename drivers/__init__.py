@@ -1,0 +1,1 @@
+"""Southbound acquisition: base value types, scheduling, one sub-package per bus."""

@@ -1,0 +1,1 @@
+"""Modbus TCP/RTU: pure read planner and decoder beside a thin pymodbus adapter."""

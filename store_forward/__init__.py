@@ -1,0 +1,1 @@
+"""Durable store-and-forward queue (SQLite WAL) with the same contract in memory."""

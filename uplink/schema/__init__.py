@@ -1,0 +1,1 @@
+"""Edge<->cloud contracts shared by agent and broker: topics, record batches, commands."""
