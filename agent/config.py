@@ -1,0 +1,159 @@
+"""Typed agent configuration: TOML -> frozen msgspec structs, validated once, errors named by path.
+
+Defaults live here, in the model. `load_config` raises `ConfigError` whose message names the bad
+field as a dotted path (`uplink.port: expected int, got str`), which `edge-agent check` prints.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from drivers.modbus.config import ModbusDevice
+from uplink.schema.topics import DEFAULT_PREFIX, validate_agent_id
+
+EX_CONFIG = 78  # sysexits.h: configuration error; systemd units use it to stop restart loops
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; `path` names the field (dotted), `reason` says what is wrong."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path = path
+        self.reason = reason
+
+
+class AgentSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    data_dir: str = "/var/lib/edge-agent"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain_on_stop_s: float = 5.0  # on a clean stop, keep forwarding the backlog this long before exiting
+
+    def __post_init__(self) -> None:
+        validate_agent_id(self.id)
+        if not 0 <= self.drain_on_stop_s <= 3600:
+            raise ValueError("drain_on_stop_s must be within 0..3600")
+
+
+class QueueSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    group_commit_max_records: int = 512
+    group_commit_max_delay_s: float = 0.005
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.group_commit_max_records <= 100_000:
+            raise ValueError("group_commit_max_records must be within 1..100000")
+        if not 0 <= self.group_commit_max_delay_s <= 1:
+            raise ValueError("group_commit_max_delay_s must be within 0..1 s")
+
+
+class UplinkSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str
+    port: int = 1883
+    transport: Literal["tcp"] = "tcp"
+    protocol_level: Literal[4, 5] = 5
+    keep_alive_s: int = 30
+    tls: bool = False
+    ca_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None  # defaults to agent.id
+    topic_prefix: str = DEFAULT_PREFIX
+    batch_max_records: int = 200
+    batch_max_bytes: int = 256 * 1024
+    max_inflight_batches: int = 8
+    encoding: Literal["msgpack", "json"] = "msgpack"
+    compression: Literal["none", "zstd"] = "none"
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError("port must be within 1..65535")
+        if not 0 <= self.keep_alive_s <= 65535:
+            raise ValueError("keep_alive_s must be within 0..65535")
+        if not 1 <= self.batch_max_records <= 10_000:
+            raise ValueError("batch_max_records must be within 1..10000")
+        if not 1 <= self.max_inflight_batches <= 1024:
+            raise ValueError("max_inflight_batches must be within 1..1024")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*", self.topic_prefix):
+            raise ValueError("topic_prefix must be plain topic levels (no wildcards, no leading or trailing '/')")
+
+
+class PipelineSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    flush_interval_s: float = 0.05
+    max_pending_readings: int = 100_000  # beyond this, emit() drops the oldest and counts it
+
+    def __post_init__(self) -> None:
+        if not 0.001 <= self.flush_interval_s <= 10:
+            raise ValueError("flush_interval_s must be within 0.001..10 s")
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    agent: AgentSection
+    uplink: UplinkSection
+    queue: QueueSection = QueueSection()
+    pipeline: PipelineSection = PipelineSection()
+    modbus: tuple[ModbusDevice, ...] = ()
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for i, dev in enumerate(self.modbus):
+            if dev.name in seen:
+                raise ValueError(f"modbus[{i}].name {dev.name!r} is used by another device")
+            seen.add(dev.name)
+
+    @property
+    def client_id(self) -> str:
+        return self.uplink.client_id or self.agent.id
+
+    @property
+    def queue_path(self) -> Path:
+        return Path(self.agent.data_dir) / "queue.db"
+
+
+_AT_RE = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)
+
+
+def _path_of(raw: str) -> str:
+    return raw.lstrip(".")
+
+
+def parse_config(data: dict[str, object]) -> AgentConfig:
+    """Validate a parsed TOML document; raise ConfigError naming the bad field."""
+    try:
+        return msgspec.convert(data, AgentConfig)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = _AT_RE.match(text)
+        if not m:
+            raise ConfigError("", text) from None
+        msg, path = m.group("msg"), _path_of(m.group("path"))
+        field = re.match(r"Object missing required field `([^`]+)`", msg)
+        if field:
+            return_path = f"{path}.{field.group(1)}" if path else field.group(1)
+            raise ConfigError(return_path, "required field is missing") from None
+        unknown = re.match(r"Object contains unknown field `([^`]+)`", msg)
+        if unknown:
+            return_path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+            raise ConfigError(return_path, "unknown field (check the spelling)") from None
+        raise ConfigError(path, msg[:1].lower() + msg[1:]) from None
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
+    return parse_config(data)

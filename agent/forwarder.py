@@ -1,0 +1,145 @@
+"""Queue -> uplink: lease batches, publish them QoS 1, settle on PUBACK (at-least-once).
+
+Theory of operation: up to `max_inflight_batches` leases are out at once, so publishes pipeline within
+the broker's Receive Maximum instead of waiting one round trip per batch. Each lease is split by
+record kind (one MQTT topic per stream), encoded (uplink.schema.records) and published; the records
+of a publish that the broker acknowledged with a success code are settled (deleted durably), the
+others are released for a later lease. The uplink keeps unacknowledged publishes across reconnects,
+so a lease normally outlives link outages; leases are long because this process is the only
+consumer and a crash forgets them anyway (everything unsettled is leased again after restart).
+Delivery order: the queue leases oldest-first within priority, so a backlog drains in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from store_forward.model import Batch, StoredRecord
+from uplink.mqtt.packets import NO_PROPERTIES, Properties
+from uplink.schema.records import Compression, Encoding, encode_batch
+from uplink.schema.topics import AgentTopics
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 24 * 3600.0
+REJECT_BACKOFF_S = 1.0
+
+
+class LeasingQueue(Protocol):
+    async def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
+                    lease_s: float = 60.0) -> Batch: ...
+
+    async def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None: ...
+
+
+class Publisher(Protocol):
+    async def wait_connected(self) -> None: ...
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                      properties: Properties = ...) -> int: ...
+
+
+@dataclass
+class ForwarderStats:
+    batches_published: int = 0
+    records_settled: int = 0
+    bytes_published: int = 0
+    publishes_refused: int = 0
+
+
+class Forwarder:
+    def __init__(
+        self,
+        queue: LeasingQueue,
+        uplink: Publisher,
+        topics: AgentTopics,
+        *,
+        batch_max_records: int = 200,
+        batch_max_bytes: int = 256 * 1024,
+        max_inflight_batches: int = 8,
+        encoding: Encoding = "msgpack",
+        compression: Compression = "none",
+        idle_poll_s: float = 1.0,
+        use_properties: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._queue = queue
+        self._uplink = uplink
+        self._topics = topics
+        self._batch_max_records = batch_max_records
+        self._batch_max_bytes = batch_max_bytes
+        self._slots = asyncio.Semaphore(max_inflight_batches)
+        self._encoding: Encoding = encoding
+        self._compression: Compression = compression
+        self._idle_poll_s = idle_poll_s
+        self._use_properties = use_properties  # MQTT 3.1.1 has no properties: the payload says it all
+        self._monotonic = monotonic
+        self._wake = asyncio.Event()
+        self.stats = ForwarderStats()
+
+    def notify(self) -> None:
+        """New records were committed: look at the queue now rather than at the next idle poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            n = 0
+            while True:
+                await self._slots.acquire()
+                try:
+                    batch = await self._queue.lease(
+                        self._batch_max_records, self._monotonic(),
+                        max_bytes=self._batch_max_bytes, lease_s=LEASE_S,
+                    )
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if not batch.records:
+                    self._slots.release()
+                    self._wake.clear()
+                    try:
+                        async with asyncio.timeout(self._idle_poll_s):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                n += 1
+                tg.create_task(self._send(batch), name=f"forward-batch-{n}")
+
+    async def _send(self, batch: Batch) -> None:
+        try:
+            by_kind: dict[str, list[StoredRecord]] = {}
+            for rec in batch.records:
+                by_kind.setdefault(rec.kind, []).append(rec)
+            results = await asyncio.gather(*(self._publish(kind, recs) for kind, recs in by_kind.items()))
+            acked = [seq for ok, seqs in results if ok for seq in seqs]
+            await self._queue.settle(batch, acked)
+            self.stats.records_settled += len(acked)
+            if len(acked) < len(batch.records):
+                await asyncio.sleep(REJECT_BACKOFF_S)
+        finally:
+            self._slots.release()
+
+    async def _publish(self, kind: str, recs: list[StoredRecord]) -> tuple[bool, list[int]]:
+        generation = recs[0].generation
+        payload, props = encode_batch(
+            self._topics.agent_id, generation, [(r.seq, r.ts_ns, r.payload) for r in recs],
+            encoding=self._encoding, compression=self._compression,
+        )
+        if not self._use_properties:
+            props = NO_PROPERTIES
+        reason = await self._uplink.publish(self._topics.data(kind), payload, qos=1, properties=props)
+        seqs = [r.seq for r in recs]
+        if reason >= 0x80:
+            self.stats.publishes_refused += 1
+            log.warning("forwarder: broker refused batch %s seq %d-%d with reason 0x%02x; will retry",
+                        kind, seqs[0], seqs[-1], reason)
+            return False, seqs
+        self.stats.batches_published += 1
+        self.stats.bytes_published += len(payload)
+        return True, seqs
