@@ -1,0 +1,124 @@
+"""Registers <-> values for every Modbus point type, byte and word order, scale and offset (pure).
+
+`decode(point, words)` turns the point's registers (16-bit unsigned ints, or bools for bit tables) into
+a value; `encode(point, value)` is its inverse, used for writes and by the simulator.
+
+Order model: the registers of a multi-register value are first put in big-endian word order
+(`word_order = "little"` reverses them), then each register's two bytes are put in big-endian byte
+order (`byte_order = "little"` swaps them), and the resulting byte string is read big-endian.
+So big/big is the Modbus standard ABCD, big/little CDAB ("word swap"), little/big BADC
+("byte swap") and little/little DCBA.
+
+Scaling: value = raw * scale + offset. Integer types with scale 1 and offset 0 decode to int;
+any other scaling yields float. encode rounds (half away from zero) to the nearest raw integer and
+raises ValueError when the raw value does not fit the type.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+from drivers.base import Value
+from drivers.modbus.config import ModbusPoint
+
+_STRUCT = {"u16": "H", "i16": "h", "u32": "I", "i32": "i", "u64": "Q", "i64": "q", "f32": "f", "f64": "d"}
+_INT_RANGE = {
+    "u16": (0, 0xFFFF), "i16": (-0x8000, 0x7FFF),
+    "u32": (0, 0xFFFF_FFFF), "i32": (-0x8000_0000, 0x7FFF_FFFF),
+    "u64": (0, 0xFFFF_FFFF_FFFF_FFFF), "i64": (-0x8000_0000_0000_0000, 0x7FFF_FFFF_FFFF_FFFF),
+}
+
+
+def _words_to_bytes(words: Sequence[int], byte_order: str, word_order: str) -> bytes:
+    ordered = list(words) if word_order == "big" else list(reversed(words))
+    out = bytearray()
+    for w in ordered:
+        if not 0 <= w <= 0xFFFF:
+            raise ValueError(f"register value {w} is not a 16-bit unsigned word")
+        hi, lo = w >> 8, w & 0xFF
+        out += bytes((hi, lo)) if byte_order == "big" else bytes((lo, hi))
+    return bytes(out)
+
+
+def _bytes_to_words(data: bytes, byte_order: str, word_order: str) -> list[int]:
+    words = []
+    for i in range(0, len(data), 2):
+        a, b = data[i], data[i + 1]
+        words.append((a << 8) | b if byte_order == "big" else (b << 8) | a)
+    return words if word_order == "big" else list(reversed(words))
+
+
+def _scaled(raw: float, point: ModbusPoint) -> float | int:
+    if point.scale == 1.0 and point.offset == 0.0 and isinstance(raw, int):
+        return raw
+    return raw * point.scale + point.offset
+
+
+def decode(point: ModbusPoint, words: Sequence[int] | Sequence[bool]) -> Value:
+    """The point's value from exactly `point.register_count()` registers (or bits)."""
+    n = point.register_count()
+    if len(words) != n:
+        raise ValueError(f"{point.name}: expected {n} registers, got {len(words)}")
+    t = point.type
+    if t == "bool":
+        return bool(words[0])
+    regs = [int(w) for w in words]
+    if t == "bits":
+        assert point.bit is not None
+        return bool((regs[0] >> point.bit) & 1)
+    data = _words_to_bytes(regs, point.byte_order, point.word_order)
+    if t == "string":
+        return data.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
+    (raw,) = struct.unpack(">" + _STRUCT[t], data)
+    return _scaled(raw, point)
+
+
+def _raw_integer(point: ModbusPoint, value: float | int) -> int:
+    if isinstance(value, int) and point.scale == 1.0 and point.offset == 0.0:
+        raw = value  # exact: 64-bit integers do not survive a trip through float
+    else:
+        raw_f = (value - point.offset) / point.scale
+        if not math.isfinite(raw_f):
+            raise ValueError(f"{point.name}: {value!r} is not finite")
+        raw = math.floor(abs(raw_f) + 0.5) * (1 if raw_f >= 0 else -1)
+    lo, hi = _INT_RANGE[point.type]
+    if not lo <= raw <= hi:
+        raise ValueError(f"{point.name}: {value!r} gives raw {raw}, outside {point.type} range {lo}..{hi}")
+    return raw
+
+
+def encode(point: ModbusPoint, value: Value) -> list[int]:
+    """The registers that decode to `value` (within one scale step). Bool points give [0] or [1]."""
+    t = point.type
+    if value is None:
+        raise ValueError(f"{point.name}: cannot encode None")
+    if t in ("bool", "bits"):
+        if not isinstance(value, (bool, int)):
+            raise ValueError(f"{point.name}: {t} needs a bool, got {value!r}")
+        # A lone bit of a register cannot be written without the other 15: callers that write
+        # `bits` points read-modify-write the whole register (see driver.write).
+        if t == "bits":
+            assert point.bit is not None
+            return [int(bool(value)) << point.bit]
+        return [int(bool(value))]
+    if t == "string":
+        if not isinstance(value, str):
+            raise ValueError(f"{point.name}: string needs a str, got {value!r}")
+        data = value.encode("utf-8")
+        size = point.register_count() * 2
+        if len(data) > size:
+            raise ValueError(f"{point.name}: {len(data)} bytes do not fit {size}")
+        return _bytes_to_words(data.ljust(size, b"\x00"), point.byte_order, point.word_order)
+    if isinstance(value, str):
+        raise ValueError(f"{point.name}: {t} needs a number, got {value!r}")
+    fmt = ">" + _STRUCT[t]
+    if t in ("f32", "f64"):
+        raw_f = (float(value) - point.offset) / point.scale
+        if t == "f32" and math.isfinite(raw_f) and abs(raw_f) > 3.4028234663852886e38:
+            raise ValueError(f"{point.name}: {value!r} overflows f32")
+        data = struct.pack(fmt, raw_f)
+    else:
+        data = struct.pack(fmt, _raw_integer(point, value))
+    return _bytes_to_words(data, point.byte_order, point.word_order)
