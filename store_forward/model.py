@@ -1,0 +1,174 @@
+"""The queue's vocabulary: record and batch types, the `Queue` contract, and the store's typed errors.
+
+Contract shared by every implementation (SQLite, memory, and the async facade in front of them):
+
+- Every record gets `(generation, seq)`. `generation` is a random id chosen once when the store is
+  created; `seq` grows by one per appended record and is never handed out twice by one generation,
+  even after the rows with the highest seq were deleted and the process restarted. Together they are
+  the end-to-end idempotency key: the cloud drops duplicates and detects gaps with them.
+- `append` returns the seqs only after the records are durable (for SQLite: the transaction committed).
+- `lease` hands out up to `max_items` records, lowest `Priority` value first and oldest-first (by seq)
+  within a priority, skipping records held by a lease that has not expired yet. Leases live in memory
+  only: after a restart every unsettled record can be leased again (at-least-once delivery).
+- `settle` deletes acked and rejected records durably (rejected ones are counted apart) and releases
+  the batch's other records for the next lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+
+class Priority(IntEnum):
+    """Drain order: a lower value is leased first; within one priority records drain oldest-first."""
+
+    ALARM = 0
+    EVENT = 1
+    CARD = 2
+    TELEMETRY = 3
+    BULK = 4
+
+
+PRIORITY_COUNT = len(Priority)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    """A record the pipeline wants stored; `ts_ns` is its data time (UTC epoch ns)."""
+
+    kind: str
+    payload: bytes
+    ts_ns: int
+    priority: Priority = Priority.TELEMETRY
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A committed record. `attempts` counts the leases that handed it out since this store was opened,
+    including the lease that returned it (1 on first delivery); it restarts at 1 after a reopen."""
+
+    generation: str
+    seq: int
+    kind: str
+    payload: bytes
+    ts_ns: int
+    priority: Priority
+    enqueued_ns: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Records held by one lease until `expires_s` (the caller's monotonic clock, as passed to `lease`).
+
+    An empty batch (nothing leaseable) has `lease_id == 0` and may be settled as a no-op."""
+
+    lease_id: int
+    records: tuple[StoredRecord, ...]
+    generation: str
+    expires_s: float
+
+    @property
+    def seqs(self) -> tuple[int, ...]:
+        return tuple(r.seq for r in self.records)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(len(r.payload) for r in self.records)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A snapshot of the queue.
+
+    `oldest_ts_ns` is the data time of the record waiting longest (lowest seq), None when empty.
+    `leased` counts records held by leases that were neither settled nor expired (expiry judged at the
+    latest `now_s` the queue saw). Totals count since the store was created (SQLite) or opened (memory).
+    `appended_bytes_total` is the payload bytes ever appended: a cheap proxy for flash wear."""
+
+    generation: str
+    depth: int
+    bytes: int
+    oldest_ts_ns: int | None
+    next_seq: int
+    leased: int
+    appended_total: int
+    settled_total: int
+    acked_total: int
+    rejected_total: int
+    depth_by_priority: tuple[int, ...]
+    appended_bytes_total: int
+
+
+class Queue(Protocol):
+    """The synchronous, deterministic queue; the event loop reaches it through `facade.AsyncQueue`."""
+
+    def append(self, records: Sequence[NewRecord]) -> list[int]: ...
+
+    def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
+              lease_s: float = 60.0) -> Batch: ...
+
+    def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None: ...
+
+    def stats(self) -> QueueStats: ...
+
+    def checkpoint(self) -> None:
+        """Housekeeping hint from an idle writer (SQLite: a PASSIVE WAL checkpoint); may do nothing."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StoreError(Exception):
+    """Base of the store's errors; subclasses say what the caller should do."""
+
+
+class StoreCorrupt(StoreError):
+    """The database is unreadable, damaged, foreign or from a newer schema: stop and salvage or replace
+    it (operator action); retrying will not help."""
+
+
+class StoreBusy(StoreError):
+    """Another process holds the store for writing: stop this one (two writers would break seq order)."""
+
+
+class StoreFull(StoreError):
+    """The disk (or the database size limit) is full; the append was NOT stored. Retry after the
+    backlog drains or evict by policy."""
+
+
+class StoreIOError(StoreError):
+    """The operating system failed a read or write; the operation did not take effect. Retry, and stop
+    if it persists (failing flash)."""
+
+
+class StoreClosed(StoreError):
+    """The queue was closed; the operation did not take effect."""
+
+
+def validate_new_records(records: Sequence[NewRecord]) -> None:
+    """Reject malformed records before they reach a transaction (one bad record must not fail a group
+    commit that merges other callers' records)."""
+    for i, r in enumerate(records):
+        if not isinstance(r, NewRecord):
+            raise TypeError(f"records[{i}]: expected NewRecord, got {type(r).__name__}")
+        if not isinstance(r.kind, str) or not r.kind:
+            raise ValueError(f"records[{i}].kind: must be a non-empty str")
+        if not isinstance(r.payload, bytes):
+            raise TypeError(f"records[{i}].payload: must be bytes, got {type(r.payload).__name__}")
+        if not isinstance(r.ts_ns, int) or isinstance(r.ts_ns, bool) or not -(2**63) <= r.ts_ns < 2**63:
+            raise ValueError(f"records[{i}].ts_ns: must be an int64 of UTC epoch nanoseconds")
+        if not isinstance(r.priority, Priority):
+            raise TypeError(f"records[{i}].priority: must be a Priority, got {r.priority!r}")
+
+
+def validate_lease_args(max_items: int, max_bytes: int | None, lease_s: float) -> None:
+    if max_items < 0:
+        raise ValueError("max_items must be >= 0")
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError("max_bytes must be >= 0 or None")
+    if not lease_s > 0:
+        raise ValueError("lease_s must be > 0")

@@ -1,0 +1,597 @@
+"""The durable queue: the `Queue` contract on one SQLite file in WAL mode (all of the store's SQL lives here).
+
+Durability. A record is accepted only when `append` returns, and `append` returns only after COMMIT.
+With `synchronous=FULL` (the default) every commit fsyncs the WAL, so a committed record survives a
+power cut; `NORMAL` only fsyncs at checkpoints (survives a process crash, may lose the last commits on
+power loss) and is for deployments that trade that for flash wear. Group commit (many callers' records
+in one transaction) is the facade's job and is what makes FULL affordable.
+
+Sequence numbers. `counters.next_seq` is the high-water mark; it is updated in the same transaction
+that inserts the rows, so a seq is never handed out twice, even when the rows with the highest seqs were
+deleted before a restart (SQLite's own rowid would reuse them). The counters row also carries depth and
+bytes per priority and lifetime totals, so `stats()` and opening a large store cost O(1), not a scan.
+The generation (a random id) is written once into `meta` when the file is created.
+
+Flash. The page size is 4096 bytes (the erase/program granularity most eMMC/SD translation layers are
+tuned for). `wal_autocheckpoint` is 0: SQLite's automatic checkpoint would run inside whichever COMMIT
+crosses the threshold, adding the checkpoint's page writes and fsync to an append's latency. Instead
+the writer thread calls `checkpoint()` (PASSIVE: never waits for readers) when it is idle, and as a
+backstop the queue checkpoints by itself after roughly `wal_checkpoint_bytes` of WAL writes. Batching
+many commits into one checkpoint also writes each hot page (counters row, index tail) to the database
+file once instead of once per commit. `journal_size_limit` truncates a WAL that a burst made large.
+
+Leases live in memory (`leases.LeaseBook`); the database never records them, so after a crash every
+unsettled record is leaseable again. One process may open the store for writing at a time: an
+exclusive `flock` on the file enforces it (`StoreBusy`). Read-only inspection (`open_readonly`) takes
+no lock and may run beside the agent.
+
+Errors from sqlite3 are translated here and nowhere else: see `_translate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from store_forward.leases import LeaseBook, choose, split_settlement
+from store_forward.model import (
+    PRIORITY_COUNT,
+    Batch,
+    NewRecord,
+    Priority,
+    QueueStats,
+    StoreBusy,
+    StoreClosed,
+    StoreCorrupt,
+    StoredRecord,
+    StoreError,
+    StoreFull,
+    StoreIOError,
+    validate_lease_args,
+    validate_new_records,
+)
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x46475146  # "FGQF": marks the file as a fieldgate queue in the SQLite header
+PAGE_SIZE = 4096
+WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
+JOURNAL_SIZE_LIMIT_BYTES = 8 * 1024 * 1024
+BUSY_TIMEOUT_MS = 5000
+_IN_CHUNK = 500  # stays below SQLITE_MAX_VARIABLE_NUMBER on old builds (999)
+
+_DDL = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE counters ("
+    " id INTEGER PRIMARY KEY CHECK (id = 0),"
+    " next_seq INTEGER NOT NULL,"
+    " appended_total INTEGER NOT NULL, appended_bytes_total INTEGER NOT NULL,"
+    " acked_total INTEGER NOT NULL, rejected_total INTEGER NOT NULL,"
+    " depth_0 INTEGER NOT NULL, depth_1 INTEGER NOT NULL, depth_2 INTEGER NOT NULL,"
+    " depth_3 INTEGER NOT NULL, depth_4 INTEGER NOT NULL,"
+    " bytes_0 INTEGER NOT NULL, bytes_1 INTEGER NOT NULL, bytes_2 INTEGER NOT NULL,"
+    " bytes_3 INTEGER NOT NULL, bytes_4 INTEGER NOT NULL)",
+    # seq is the rowid, assigned by us from counters.next_seq (never by SQLite, which reuses max+1).
+    "CREATE TABLE records ("
+    " seq INTEGER PRIMARY KEY,"
+    " priority INTEGER NOT NULL CHECK (priority BETWEEN 0 AND 4),"
+    " kind TEXT NOT NULL,"
+    " ts_ns INTEGER NOT NULL,"
+    " enqueued_ns INTEGER NOT NULL,"
+    " payload_size INTEGER NOT NULL,"
+    " payload BLOB NOT NULL)",
+    # Covering index for lease: walks drain order and sizes without touching row (payload) pages, so
+    # skipping records already under lease costs index entries only.
+    "CREATE INDEX records_drain ON records (priority, seq, payload_size)",
+)
+_COUNTER_COLUMNS = (
+    "next_seq, appended_total, appended_bytes_total, acked_total, rejected_total, "
+    "depth_0, depth_1, depth_2, depth_3, depth_4, bytes_0, bytes_1, bytes_2, bytes_3, bytes_4"
+)
+_SQL_SELECT_COUNTERS = f"SELECT {_COUNTER_COLUMNS} FROM counters WHERE id = 0"
+_SQL_INSERT_COUNTERS = f"INSERT INTO counters (id, {_COUNTER_COLUMNS}) VALUES (0, {', '.join('?' * 15)})"
+_SQL_UPDATE_COUNTERS = (
+    "UPDATE counters SET "
+    + ", ".join(f"{c.strip()} = ?" for c in _COUNTER_COLUMNS.split(","))
+    + " WHERE id = 0"
+)
+_SQL_INSERT_RECORD = (
+    "INSERT INTO records (seq, priority, kind, ts_ns, enqueued_ns, payload_size, payload)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_DELETE_RECORD = "DELETE FROM records WHERE seq = ?"
+_SQL_DRAIN_ORDER = "SELECT seq, payload_size FROM records ORDER BY priority, seq"
+_SQL_ROW_COLUMNS = "seq, kind, payload, ts_ns, priority, enqueued_ns"
+_SQL_RECOUNT = "SELECT priority, count(*), coalesce(sum(payload_size), 0) FROM records GROUP BY priority"
+# One row of _SQL_ROW_COLUMNS: seq, kind, payload, ts_ns, priority, enqueued_ns.
+_Row = tuple[int, str, bytes, int, int, int]
+_SQL_OLDEST_TS = "SELECT ts_ns FROM records ORDER BY seq LIMIT 1"
+_SQL_MAX_SEQ = "SELECT max(seq) FROM records"
+
+# Primary result codes (sqlite3.h) used to decide what the caller should do.
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 10, 11, 13, 14, 26
+
+
+@contextlib.contextmanager
+def _translate(path: str, doing: str) -> Iterator[None]:
+    """Turn sqlite3 errors into the store's typed errors, naming the file and what we were doing."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        code = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
+        where = f"{path}: {doing}: {e}"
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            raise StoreCorrupt(f"{where} (the queue database is damaged; salvage or replace it)") from e
+        if code == _SQLITE_FULL:
+            raise StoreFull(f"{where} (not stored; free space or let the backlog drain)") from e
+        if code in (_SQLITE_IOERR, _SQLITE_CANTOPEN, _SQLITE_READONLY, _SQLITE_PERM):
+            raise StoreIOError(f"{where} (did not take effect; retry, stop if it persists)") from e
+        if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            raise StoreBusy(f"{where} (another connection holds the database)") from e
+        if isinstance(e, sqlite3.IntegrityError):
+            # Only a counters row that lags the records table can make our own inserts collide.
+            raise StoreCorrupt(f"{where} (seq high-water mark is inconsistent)") from e
+        raise StoreError(where) from e
+
+
+@dataclass(frozen=True, slots=True)
+class _Counters:
+    next_seq: int
+    appended_total: int
+    appended_bytes_total: int
+    acked_total: int
+    rejected_total: int
+    depth: tuple[int, ...]
+    bytes: tuple[int, ...]
+
+    @classmethod
+    def fresh(cls) -> _Counters:
+        zeros = (0,) * PRIORITY_COUNT
+        return cls(1, 0, 0, 0, 0, zeros, zeros)
+
+    @classmethod
+    def from_row(cls, row: Sequence[int]) -> _Counters:
+        n = PRIORITY_COUNT
+        return cls(row[0], row[1], row[2], row[3], row[4], tuple(row[5:5 + n]), tuple(row[5 + n:5 + 2 * n]))
+
+    def as_row(self) -> tuple[int, ...]:
+        return (self.next_seq, self.appended_total, self.appended_bytes_total, self.acked_total,
+                self.rejected_total, *self.depth, *self.bytes)
+
+
+def _new_generation() -> str:
+    return secrets.token_hex(8)
+
+
+class SqliteQueue:
+    """The durable `Queue`. Not thread-safe: one thread (the facade's writer) owns an instance."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: Literal["FULL", "NORMAL"] = "FULL",
+                 clock_ns: Callable[[], int] = time.time_ns,
+                 wal_checkpoint_bytes: int = WAL_CHECKPOINT_BYTES, integrity_check: bool = False) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        self.path = os.fspath(path)
+        self._clock_ns = clock_ns
+        self._wal_checkpoint_bytes = wal_checkpoint_bytes
+        self._wal_bytes_since_checkpoint = 0
+        self._book = LeaseBook()
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd = self._take_writer_lock()
+        try:
+            self._conn = self._connect()
+            self._prepare(synchronous, integrity_check)
+        except BaseException:
+            self._release()
+            raise
+
+    # -- opening -------------------------------------------------------------------------------------
+
+    def _take_writer_lock(self) -> int:
+        # flock (not fcntl/POSIX locks): it does not interfere with SQLite's own POSIX locks, and it is
+        # released by the kernel when the process dies, so a SIGKILLed writer never leaves a stale lock.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            raise StoreIOError(f"{self.path}: cannot open queue file: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(fd)
+            raise StoreBusy(f"{self.path}: another process has this queue open for writing") from e
+        except OSError as e:
+            os.close(fd)
+            raise StoreIOError(f"{self.path}: cannot lock queue file: {e}") from e
+        return fd
+
+    def _connect(self) -> sqlite3.Connection:
+        with _translate(self.path, "open"):
+            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so the write lock is
+            # taken at the start of each transaction and nothing commits implicitly.
+            return sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+
+    def _prepare(self, synchronous: str, integrity_check: bool) -> None:
+        conn = self._db()
+        with _translate(self.path, "read header"):
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            n_objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if n_objects == 0:
+            self._create(conn)
+        elif app_id != APPLICATION_ID:
+            raise StoreCorrupt(f"{self.path}: not a fieldgate queue (application_id {app_id:#x}); "
+                               "refusing to touch a foreign database")
+        with _translate(self.path, "configure"):
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreIOError(f"{self.path}: cannot switch to WAL (journal_mode={mode})")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+            conn.execute("PRAGMA temp_store = MEMORY")
+        if integrity_check:
+            with _translate(self.path, "quick_check"):
+                problems = [r[0] for r in conn.execute("PRAGMA quick_check(10)")]
+            if problems != ["ok"]:
+                raise StoreCorrupt(f"{self.path}: quick_check failed: {'; '.join(problems)}")
+        self._load(conn)
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        with _translate(self.path, "create schema"):
+            # page_size must be set before the first table exists (and before WAL) to take effect.
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _DDL:
+                    conn.execute(stmt)
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("generation", _new_generation()),
+                    ("created_ns", str(self._clock_ns())),
+                ])
+                conn.execute(_SQL_INSERT_COUNTERS, _Counters.fresh().as_row())
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback_quietly(conn)
+                raise
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        with _translate(self.path, "load meta"):
+            try:
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                row = conn.execute(_SQL_SELECT_COUNTERS).fetchone()
+                max_seq = conn.execute(_SQL_MAX_SEQ).fetchone()[0]
+            except sqlite3.OperationalError as e:
+                # A missing table in a file that carries our application_id: a damaged store.
+                raise StoreCorrupt(f"{self.path}: queue schema is incomplete: {e}") from e
+        try:
+            version = int(meta["schema_version"])
+            generation = meta["generation"]
+        except (KeyError, ValueError) as e:
+            raise StoreCorrupt(f"{self.path}: meta table lacks a valid schema_version/generation") from e
+        if version > SCHEMA_VERSION:
+            raise StoreCorrupt(f"{self.path}: schema_version {version} is newer than this agent's "
+                               f"{SCHEMA_VERSION}; upgrade the agent or move the file aside")
+        if row is None:
+            raise StoreCorrupt(f"{self.path}: counters row is missing")
+        counters = _Counters.from_row(row)
+        if max_seq is not None and max_seq >= counters.next_seq:
+            raise StoreCorrupt(f"{self.path}: record seq {max_seq} is at or above the high-water mark "
+                               f"{counters.next_seq}; seqs could be reused")
+        self.generation: str = generation
+        self.schema_version = version
+        self._counters = counters
+
+    # -- the Queue contract --------------------------------------------------------------------------
+
+    def append(self, records: Sequence[NewRecord]) -> list[int]:
+        conn = self._db()
+        validate_new_records(records)
+        if not records:
+            return []
+        c = self._counters
+        enqueued_ns = self._clock_ns()
+        first = c.next_seq
+        seqs = list(range(first, first + len(records)))
+        depth, size = list(c.depth), list(c.bytes)
+        total_bytes = 0
+        rows = []
+        for seq, r in zip(seqs, records, strict=True):
+            n = len(r.payload)
+            rows.append((seq, int(r.priority), r.kind, r.ts_ns, enqueued_ns, n, r.payload))
+            depth[r.priority] += 1
+            size[r.priority] += n
+            total_bytes += n
+        new = replace(c, next_seq=first + len(records), appended_total=c.appended_total + len(records),
+                      appended_bytes_total=c.appended_bytes_total + total_bytes,
+                      depth=tuple(depth), bytes=tuple(size))
+        with _translate(self.path, f"append {len(records)} record(s)"), self._transaction(conn):
+            conn.executemany(_SQL_INSERT_RECORD, rows)
+            conn.execute(_SQL_UPDATE_COUNTERS, new.as_row())
+        # Adopt the new counters only after COMMIT: a failed transaction leaves memory and disk agreeing.
+        self._counters = new
+        self._after_write(total_bytes + PAGE_SIZE * (2 + len(records) // 64))
+        return seqs
+
+    def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
+              lease_s: float = 60.0) -> Batch:
+        conn = self._db()
+        validate_lease_args(max_items, max_bytes, lease_s)
+        self._book.observe(now_s)
+        with _translate(self.path, "lease"):
+            cur = conn.execute(_SQL_DRAIN_ORDER)
+            try:
+                seqs = choose(cur, self._book, now_s, max_items, max_bytes)
+            finally:
+                cur.close()
+            rows = self._fetch(conn, seqs)
+        if not seqs:
+            return Batch(0, (), self.generation, now_s)
+        lease_id, expires_s = self._book.grant(seqs, now_s, lease_s)
+        records = tuple(
+            StoredRecord(self.generation, seq, kind, bytes(payload), ts_ns, Priority(prio), enq_ns,
+                         self._book.attempts(seq))
+            for seq, kind, payload, ts_ns, prio, enq_ns in (rows[s] for s in seqs)
+        )
+        return Batch(lease_id, records, self.generation, expires_s)
+
+    def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None:
+        conn = self._db()
+        acked_l, rejected_l, released = split_settlement(batch, self.generation, acked, rejected)
+        done = acked_l + rejected_l
+        if done:
+            by_seq = {r.seq: r for r in batch.records}
+            c = self._counters
+            with _translate(self.path, f"settle {len(done)} record(s)"), self._transaction(conn):
+                # A seq may already be gone (acked through an older, expired lease): delete and count
+                # only what is still there, inside the same transaction.
+                present = self._present(conn, done)
+                conn.executemany(_SQL_DELETE_RECORD, [(s,) for s in done if s in present])
+                depth, size = list(c.depth), list(c.bytes)
+                for s in present:
+                    rec = by_seq[s]
+                    depth[rec.priority] -= 1
+                    size[rec.priority] -= len(rec.payload)
+                n_acked = sum(1 for s in acked_l if s in present)
+                n_rejected = len(present) - n_acked
+                new = replace(c, acked_total=c.acked_total + n_acked,
+                              rejected_total=c.rejected_total + n_rejected,
+                              depth=tuple(depth), bytes=tuple(size))
+                conn.execute(_SQL_UPDATE_COUNTERS, new.as_row())
+            self._counters = new
+            self._after_write(PAGE_SIZE * (2 + len(done) // 32))
+            self._book.forget(done)
+        self._book.release(batch.lease_id, released)
+
+    def stats(self) -> QueueStats:
+        conn = self._db()
+        with _translate(self.path, "stats"):
+            row = conn.execute(_SQL_OLDEST_TS).fetchone()
+        c = self._counters
+        return QueueStats(
+            generation=self.generation,
+            depth=sum(c.depth),
+            bytes=sum(c.bytes),
+            oldest_ts_ns=None if row is None else int(row[0]),
+            next_seq=c.next_seq,
+            leased=self._book.held_count(),
+            appended_total=c.appended_total,
+            settled_total=c.acked_total + c.rejected_total,
+            acked_total=c.acked_total,
+            rejected_total=c.rejected_total,
+            depth_by_priority=c.depth,
+            appended_bytes_total=c.appended_bytes_total,
+        )
+
+    def checkpoint(self) -> None:
+        """PASSIVE WAL checkpoint: copies committed pages into the database file without waiting for
+        readers; cheap when nothing was written since the last one."""
+        conn = self._db()
+        if self._wal_bytes_since_checkpoint == 0:
+            return
+        with _translate(self.path, "checkpoint"):
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self._wal_bytes_since_checkpoint = 0
+
+    def close(self) -> None:
+        """Close the connection (SQLite checkpoints and removes the WAL when the last one closes)."""
+        if self._conn is None:
+            return
+        try:
+            with _translate(self.path, "close"):
+                self._conn.close()
+        finally:
+            self._conn = None
+            self._release()
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreClosed(f"{self.path}: queue is closed")
+        return self._conn
+
+    def _release(self) -> None:
+        # Only after the SQLite connection is closed: closing any descriptor of the file would drop the
+        # process's POSIX locks, which SQLite relies on.
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback_quietly(conn)
+            raise
+
+    def _after_write(self, approx_wal_bytes: int) -> None:
+        self._wal_bytes_since_checkpoint += approx_wal_bytes
+        if self._wal_bytes_since_checkpoint >= self._wal_checkpoint_bytes:
+            self.checkpoint()
+
+    @staticmethod
+    def _fetch(conn: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, _Row]:
+        rows: dict[int, _Row] = {}
+        for i in range(0, len(seqs), _IN_CHUNK):
+            chunk = seqs[i:i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            for row in conn.execute(f"SELECT {_SQL_ROW_COLUMNS} FROM records WHERE seq IN ({marks})", chunk):
+                rows[row[0]] = row
+        return rows
+
+    @staticmethod
+    def _present(conn: sqlite3.Connection, seqs: Sequence[int]) -> set[int]:
+        found: set[int] = set()
+        for i in range(0, len(seqs), _IN_CHUNK):
+            chunk = seqs[i:i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            found.update(r[0] for r in conn.execute(f"SELECT seq FROM records WHERE seq IN ({marks})", chunk))
+        return found
+
+    def __enter__(self) -> SqliteQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    # The original error is what the caller needs; a failing ROLLBACK (SQLite may already have rolled
+    # back after IOERR/FULL) adds nothing, and the connection stays usable or fails loudly next time.
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+# -- read-only access for inspection (edge-agent buffer ...) --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    """What a read-only look at a queue file shows (leases are the writer's memory: not visible here)."""
+
+    path: str
+    generation: str
+    schema_version: int
+    created_ns: int | None
+    depth: int
+    bytes: int
+    oldest_ts_ns: int | None
+    next_seq: int
+    appended_total: int
+    appended_bytes_total: int
+    acked_total: int
+    rejected_total: int
+    depth_by_priority: tuple[int, ...]
+    bytes_by_priority: tuple[int, ...]
+    page_size: int
+    page_count: int
+    freelist_count: int
+    wal_size_bytes: int | None
+
+
+class ReadOnlyStore:
+    """A read-only connection to a queue file; safe beside a running agent (WAL readers never block it)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise StoreIOError(f"{self.path}: no such queue file")
+        with _translate(self.path, "open read-only"):
+            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                        timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            with _translate(self.path, "read header"):
+                app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                raise StoreCorrupt(f"{self.path}: not a fieldgate queue (application_id {app_id:#x})")
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def snapshot(self) -> StoreSnapshot:
+        conn = self.conn
+        with _translate(self.path, "read stats"):
+            conn.execute("BEGIN")  # one consistent read snapshot for all of the queries below
+            try:
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                row = conn.execute(_SQL_SELECT_COUNTERS).fetchone()
+                oldest = conn.execute(_SQL_OLDEST_TS).fetchone()
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+                freelist = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            finally:
+                conn.execute("COMMIT")
+        if row is None or "generation" not in meta:
+            raise StoreCorrupt(f"{self.path}: meta/counters missing")
+        c = _Counters.from_row(row)
+        wal = self.path + "-wal"
+        created = meta.get("created_ns")
+        return StoreSnapshot(
+            path=self.path, generation=meta["generation"], schema_version=int(meta.get("schema_version", 0)),
+            created_ns=int(created) if created is not None else None,
+            depth=sum(c.depth), bytes=sum(c.bytes), oldest_ts_ns=None if oldest is None else int(oldest[0]),
+            next_seq=c.next_seq, appended_total=c.appended_total,
+            appended_bytes_total=c.appended_bytes_total, acked_total=c.acked_total,
+            rejected_total=c.rejected_total, depth_by_priority=c.depth, bytes_by_priority=c.bytes,
+            page_size=page_size, page_count=page_count, freelist_count=freelist,
+            wal_size_bytes=os.path.getsize(wal) if os.path.exists(wal) else None,
+        )
+
+    def records(self, *, limit: int | None = None, priority: Priority | None = None,
+                after_seq: int = 0) -> Iterator[StoredRecord]:
+        """Stored records in drain order (priority, then seq); `attempts` is 0 (leases are not stored)."""
+        meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        generation = meta.get("generation", "")
+        where, args = ["seq > ?"], [after_seq]
+        if priority is not None:
+            where.append("priority = ?")
+            args.append(int(priority))
+        sql = (f"SELECT {_SQL_ROW_COLUMNS} FROM records WHERE {' AND '.join(where)} "
+               "ORDER BY priority, seq" + (" LIMIT ?" if limit is not None else ""))
+        if limit is not None:
+            args.append(limit)
+        with _translate(self.path, "read records"):
+            for seq, kind, payload, ts_ns, prio, enq_ns in self.conn.execute(sql, args):
+                yield StoredRecord(generation, seq, kind, bytes(payload), ts_ns, Priority(prio), enq_ns, 0)
+
+    def recount(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(depth, bytes) per priority counted from the rows (O(n)), to audit the counters row."""
+        depth, size = [0] * PRIORITY_COUNT, [0] * PRIORITY_COUNT
+        with _translate(self.path, "recount"):
+            for prio, n, b in self.conn.execute(_SQL_RECOUNT):
+                depth[prio], size[prio] = n, b
+        return tuple(depth), tuple(size)
+
+    def quick_check(self) -> list[str]:
+        with _translate(self.path, "quick_check"):
+            return [r[0] for r in self.conn.execute("PRAGMA quick_check(10)")]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> ReadOnlyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_readonly(path: str | os.PathLike[str]) -> ReadOnlyStore:
+    return ReadOnlyStore(path)
