@@ -1,0 +1,270 @@
+"""The event loop's door to a `Queue`: one writer thread owns the queue, and concurrent appends share commits.
+
+Theory of operation. `start()` launches one thread, which builds the queue with `queue_factory` (so a
+SQLite connection is created, used and closed on that thread only) and then serves jobs from a FIFO in
+order. Coroutines submit jobs and await an asyncio future that the thread resolves via
+`call_soon_threadsafe`; the loop never touches the disk.
+
+Group commit. When the writer takes an append job it also takes every append queued behind it, up to
+`max_batch_records` records, and commits them all in ONE transaction (one fsync), then resolves each
+caller with its own seqs. So appends issued while a commit is running are merged into the next commit.
+A caller's records are never split across transactions (a single append larger than the bound is
+committed alone). If the previous commit merged several callers (i.e. appends are arriving
+concurrently), the writer also lingers up to `max_batch_delay_s` for more before committing; a lone
+append is committed at once. A non-append job ends the gathering, so a lease or settle waits for at
+most one commit. If the merged transaction fails, every caller in it gets the error and none of its
+records is stored.
+
+Cancellation. Cancelling an awaiting `append` does not withdraw its records: they may still be
+committed (and later forwarded); only the seqs are lost to the caller. At-least-once tolerates that.
+
+Housekeeping. When no job arrived for `idle_checkpoint_s`, the writer calls `queue.checkpoint()` (for
+SQLite a PASSIVE WAL checkpoint), keeping checkpoint I/O off the append path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue as thread_queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from store_forward.model import (
+    Batch,
+    NewRecord,
+    Queue,
+    QueueStats,
+    StoreClosed,
+    StoreError,
+    validate_new_records,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Job:
+    op: str  # "append" | "call" | "stop"
+    future: asyncio.Future[Any]
+    records: Sequence[NewRecord] = ()
+    call: Callable[[Queue], Any] | None = field(default=None)
+
+
+class AsyncQueue:
+    """Async facade over a `Queue` built and owned by one writer thread (see the module docstring)."""
+
+    def __init__(self, queue_factory: Callable[[], Queue], *, max_batch_records: int = 512,
+                 max_batch_delay_s: float = 0.005, idle_checkpoint_s: float = 1.0,
+                 thread_name: str = "store-writer") -> None:
+        if max_batch_records < 1:
+            raise ValueError("max_batch_records must be >= 1")
+        if max_batch_delay_s < 0:
+            raise ValueError("max_batch_delay_s must be >= 0")
+        if idle_checkpoint_s <= 0:
+            raise ValueError("idle_checkpoint_s must be > 0")
+        self._factory = queue_factory
+        self._max_batch_records = max_batch_records
+        self._max_batch_delay_s = max_batch_delay_s
+        self._idle_checkpoint_s = idle_checkpoint_s
+        self._thread_name = thread_name
+        self._jobs: thread_queue.SimpleQueue[_Job] = thread_queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self.commits = 0  # transactions that appended records; with `appends`, shows the group-commit ratio
+        self.appends = 0  # append calls served
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the queue on the writer thread; raises what the factory raised (e.g. `StoreCorrupt`)."""
+        if self._thread is not None:
+            raise RuntimeError("AsyncQueue already started")
+        self._loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = self._loop.create_future()
+        # Daemon: if the owner never calls close(), interpreter exit must not hang; an abrupt stop mid
+        # commit is the same as a crash, which the store survives by design.
+        self._thread = threading.Thread(target=self._serve, args=(opened,), name=self._thread_name,
+                                        daemon=True)
+        self._thread.start()
+        try:
+            await opened
+        except BaseException:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            raise
+        self._accepting = True
+
+    async def close(self) -> None:
+        """Finish the jobs already submitted, close the queue and join the writer thread."""
+        if self._thread is None or self._loop is None:
+            return
+        if self._accepting:
+            self._accepting = False
+            stopped: asyncio.Future[None] = self._loop.create_future()
+            self._jobs.put(_Job("stop", stopped))
+            try:
+                await stopped
+            finally:
+                await asyncio.to_thread(self._thread.join)
+                self._thread = None
+
+    async def __aenter__(self) -> AsyncQueue:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the Queue contract, async -------------------------------------------------------------------
+
+    async def append(self, records: Sequence[NewRecord]) -> list[int]:
+        """Store records; returns their seqs once the transaction that holds them committed."""
+        # Validate here, not in the shared transaction, so one caller's bad record fails only that caller.
+        validate_new_records(records)
+        if not records:
+            return []
+        seqs: list[int] = await self._submit(_Job("append", self._new_future(), records=tuple(records)))
+        return seqs
+
+    async def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
+                    lease_s: float = 60.0) -> Batch:
+        batch: Batch = await self._call(
+            lambda q: q.lease(max_items, now_s, max_bytes=max_bytes, lease_s=lease_s))
+        return batch
+
+    async def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None:
+        acked_t, rejected_t = tuple(acked), tuple(rejected)  # materialize on the loop, not the thread
+        await self._call(lambda q: q.settle(batch, acked_t, rejected_t))
+
+    async def stats(self) -> QueueStats:
+        stats: QueueStats = await self._call(lambda q: q.stats())
+        return stats
+
+    # -- loop side helpers ---------------------------------------------------------------------------
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        if not self._accepting or self._loop is None:
+            raise StoreClosed("AsyncQueue is not started or already closed")
+        return self._loop.create_future()
+
+    async def _call(self, fn: Callable[[Queue], Any]) -> Any:
+        return await self._submit(_Job("call", self._new_future(), call=fn))
+
+    async def _submit(self, job: _Job) -> Any:
+        self._jobs.put(job)
+        return await job.future
+
+    # -- writer thread -------------------------------------------------------------------------------
+
+    def _serve(self, opened: asyncio.Future[None]) -> None:
+        try:
+            q = self._factory()
+        except Exception as e:  # noqa: BLE001 -- re-raised by start() in the caller's coroutine
+            self._resolve(opened, None, e)
+            return
+        self._resolve(opened, None, None)
+        dirty = False
+        last_group_callers = 1
+        pending: _Job | None = None
+        while True:
+            if pending is not None:
+                job, pending = pending, None
+            else:
+                try:
+                    job = self._jobs.get(timeout=self._idle_checkpoint_s)
+                except thread_queue.Empty:
+                    if dirty:
+                        dirty = False
+                        self._idle_checkpoint(q)
+                    continue
+            if job.op == "stop":
+                self._stop(q, job)
+                return
+            dirty = True
+            if job.op == "append":
+                group, pending = self._gather(job, last_group_callers > 1)
+                last_group_callers = len(group)
+                self._commit(q, group)
+            else:
+                assert job.call is not None
+                try:
+                    result = job.call(q)
+                except Exception as e:  # noqa: BLE001 -- re-raised in the awaiting caller's coroutine
+                    self._resolve(job.future, None, e)
+                else:
+                    self._resolve(job.future, result, None)
+
+    def _gather(self, first: _Job, linger: bool) -> tuple[list[_Job], _Job | None]:
+        """The append jobs to commit together with `first`, and the job that ended the gathering."""
+        group = [first]
+        n = len(first.records)
+        deadline = time.monotonic() + (self._max_batch_delay_s if linger else 0.0)
+        while n < self._max_batch_records:
+            remaining_s = deadline - time.monotonic()
+            try:
+                nxt = self._jobs.get(timeout=remaining_s) if remaining_s > 0 else self._jobs.get_nowait()
+            except thread_queue.Empty:
+                return group, None
+            if nxt.op != "append" or n + len(nxt.records) > self._max_batch_records:
+                return group, nxt
+            group.append(nxt)
+            n += len(nxt.records)
+        return group, None
+
+    def _commit(self, q: Queue, group: list[_Job]) -> None:
+        records = [r for job in group for r in job.records]
+        try:
+            seqs = q.append(records)
+        except Exception as e:  # noqa: BLE001 -- re-raised in every caller of the failed transaction
+            for job in group:
+                self._resolve(job.future, None, e)
+            return
+        self.commits += 1
+        self.appends += len(group)
+        i = 0
+        for job in group:
+            self._resolve(job.future, seqs[i:i + len(job.records)], None)
+            i += len(job.records)
+
+    def _idle_checkpoint(self, q: Queue) -> None:
+        try:
+            q.checkpoint()
+        except StoreError as e:
+            # A housekeeping hint failed; the next write reports a persistent problem to its caller.
+            log.warning("store: idle checkpoint failed: %s", e)
+
+    def _stop(self, q: Queue, job: _Job) -> None:
+        try:
+            q.close()
+        except Exception as e:  # noqa: BLE001 -- re-raised by close() in the caller's coroutine
+            self._resolve(job.future, None, e)
+        else:
+            self._resolve(job.future, None, None)
+        # Jobs that raced with close() (submitted after the stop job) must not wait forever.
+        while True:
+            try:
+                late = self._jobs.get_nowait()
+            except thread_queue.Empty:
+                return
+            self._resolve(late.future, None, StoreClosed("AsyncQueue closed"))
+
+    def _resolve(self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+        assert self._loop is not None
+
+        def apply() -> None:
+            if fut.done():  # the awaiting caller was cancelled
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        # RuntimeError: the loop is already closed, so nobody can be awaiting this future any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(apply)
