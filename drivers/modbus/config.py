@@ -246,6 +246,9 @@ class ModbusDevice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             missing = set(self.card.scalars) - set(names)
             if missing:
                 raise ValueError(f"card.scalars name unknown points: {sorted(missing)}")
+            not_holding = [n for n in self.card.scalars if self.point(n).location()[0] != "holding"]
+            if not_holding:
+                raise ValueError(f"card.scalars must be holding registers: {not_holding}")
         group_names = [g.name for g in self.groups]
         if len(set(group_names)) != len(group_names):
             raise ValueError("duplicate group names")

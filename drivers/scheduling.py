@@ -1,0 +1,58 @@
+"""Monotonic-deadline schedule for polled jobs with staggered phases (pure; time is passed in).
+
+Each job (a poll group, a card) has an interval. Its first deadline is `start + phase`, where the
+phase spreads jobs of many devices over a window with the golden-ratio sequence, so a fleet of
+devices started together does not hit the bus in one burst. Deadlines advance by whole intervals
+from the previous deadline (no drift from run time); a job that falls behind by more than an interval
+skips the missed slots instead of firing a burst of catch-up polls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_PHI_FRACTION = 0.6180339887498949
+MAX_STAGGER_WINDOW_S = 5.0
+
+
+def stagger_phase_s(slot: int, interval_s: float, window_s: float = MAX_STAGGER_WINDOW_S) -> float:
+    """Phase offset of the slot-th job: spread over min(interval, window) by the golden ratio."""
+    return ((slot * _PHI_FRACTION) % 1.0) * min(interval_s, window_s)
+
+
+@dataclass(slots=True)
+class _Job:
+    key: str
+    interval_s: float
+    due_s: float
+
+
+class Schedule:
+    """Deadlines for named periodic jobs. `next_deadline()` says when to wake, `pop_due(now)` what to run."""
+
+    def __init__(self, jobs: Sequence[tuple[str, float]], *, now_s: float, first_slot: int = 0) -> None:
+        self._jobs = [
+            _Job(key, interval_s, now_s + stagger_phase_s(first_slot + k, interval_s))
+            for k, (key, interval_s) in enumerate(jobs)
+        ]
+        for job in self._jobs:
+            if job.interval_s <= 0:
+                raise ValueError(f"job {job.key}: interval must be > 0")
+
+    def next_deadline(self) -> float:
+        return min(j.due_s for j in self._jobs)
+
+    def pop_due(self, now_s: float) -> list[str]:
+        """Keys whose deadline has passed, earliest first; their deadlines move to the next slot."""
+        due = sorted((j for j in self._jobs if j.due_s <= now_s), key=lambda j: j.due_s)
+        for j in due:
+            behind = now_s - j.due_s
+            j.due_s += j.interval_s * (1 + int(behind // j.interval_s))
+        return [j.key for j in due]
+
+    def postpone_all(self, until_s: float) -> None:
+        """Move every deadline to at least `until_s` (quarantine), keeping each job's phase."""
+        for j in self._jobs:
+            if j.due_s < until_s:
+                j.due_s += j.interval_s * (1 + int((until_s - j.due_s) // j.interval_s))
