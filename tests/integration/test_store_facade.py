@@ -1,0 +1,191 @@
+"""AsyncQueue: one writer thread, group commit, and errors delivered to the right callers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pytest
+
+from store_forward.facade import AsyncQueue
+from store_forward.memory import MemoryQueue
+from store_forward.model import (
+    Batch,
+    NewRecord,
+    Priority,
+    Queue,
+    QueueStats,
+    StoreClosed,
+    StoreCorrupt,
+    StoreFull,
+)
+from store_forward.sqlite import SqliteQueue
+
+
+class GatedQueue:
+    """A real queue behind a gate at our own seam: appends can be held open to create a 'running commit'."""
+
+    def __init__(self, inner: Queue) -> None:
+        self.inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        self.groups: list[int] = []
+        self.threads: set[str] = set()
+        self.checkpointed = threading.Event()
+
+    def append(self, records: Sequence[NewRecord]) -> list[int]:
+        self.threads.add(threading.current_thread().name)
+        self.groups.append(len(records))
+        self.entered.set()
+        assert self.release.wait(10)
+        return self.inner.append(records)
+
+    def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
+              lease_s: float = 60.0) -> Batch:
+        self.threads.add(threading.current_thread().name)
+        return self.inner.lease(max_items, now_s, max_bytes=max_bytes, lease_s=lease_s)
+
+    def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None:
+        self.inner.settle(batch, acked, rejected)
+
+    def stats(self) -> QueueStats:
+        return self.inner.stats()
+
+    def checkpoint(self) -> None:
+        self.inner.checkpoint()
+        self.checkpointed.set()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def rec(tag: str, priority: Priority = Priority.TELEMETRY) -> NewRecord:
+    return NewRecord("t", tag.encode(), 1, priority)
+
+
+async def hold_first_commit(aq: AsyncQueue, gate: GatedQueue) -> asyncio.Task[list[int]]:
+    """Start one append and return once the writer is inside its commit (and stays there)."""
+    gate.release.clear()
+    first = asyncio.create_task(aq.append([rec("first")]), name="append-first")
+    assert await asyncio.to_thread(gate.entered.wait, 10)
+    return first
+
+
+async def test_appends_issued_while_a_commit_runs_share_the_next_transaction(tmp_path: Path) -> None:
+    gate = GatedQueue(MemoryQueue())
+
+    def factory() -> Queue:
+        gate.inner = SqliteQueue(tmp_path / "q.db")  # built on the writer thread, which owns the connection
+        return gate
+
+    async with AsyncQueue(factory) as aq:
+        first = await hold_first_commit(aq, gate)
+        rest = [asyncio.create_task(aq.append([rec(f"r{i}")]), name=f"append-{i}") for i in range(49)]
+        await asyncio.sleep(0)  # each task submits its job on its first step
+        gate.release.set()
+        results = await asyncio.gather(first, *rest)
+        assert gate.groups == [1, 49]
+        assert (aq.commits, aq.appends) == (2, 50)
+        # Every caller got back exactly the seq that holds its own record.
+        batch = await aq.lease(100, now_s=0.0)
+        by_seq = {r.seq: r.payload.decode() for r in batch.records}
+        assert [by_seq[seqs[0]] for seqs in results] == ["first"] + [f"r{i}" for i in range(49)]
+
+
+async def test_a_group_commit_respects_its_size_bound_and_never_splits_a_caller() -> None:
+    gate = GatedQueue(MemoryQueue())
+    async with AsyncQueue(lambda: gate, max_batch_records=10) as aq:
+        first = await hold_first_commit(aq, gate)
+        jobs = [aq.append([rec(f"a{i}.{j}") for j in range(3)]) for i in range(7)]
+        jobs.append(aq.append([rec(f"big{j}") for j in range(25)]))
+        tasks = [asyncio.create_task(j, name=f"append-{n}") for n, j in enumerate(jobs)]
+        await asyncio.sleep(0)
+        gate.release.set()
+        results = await asyncio.gather(first, *tasks)
+    assert gate.groups == [1, 9, 9, 3, 25]  # 3+3+3 | 3+3+3 | 3 | the oversized caller alone
+    assert [len(r) for r in results] == [1] + [3] * 7 + [25]
+    assert results[-1] == list(range(results[-1][0], results[-1][0] + 25))  # one caller, contiguous seqs
+
+
+async def test_a_failed_transaction_fails_every_caller_in_it_and_stores_none_of_them(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+
+    def open_small_disk() -> Queue:
+        q = SqliteQueue(path)
+        assert q._conn is not None
+        pages = q._conn.execute("PRAGMA page_count").fetchone()[0]
+        q._conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # a nearly full disk
+        return GatedQueue(q)
+
+    async with AsyncQueue(open_small_disk) as aq:
+        first = asyncio.create_task(aq.append([rec("small")]), name="append-small")
+        assert await first == [1]
+        big = NewRecord("t", b"x" * 200_000, 1)
+        tasks = [asyncio.create_task(aq.append([big]), name=f"append-big-{i}") for i in range(3)]
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, StoreFull) for o in outcomes)
+        stats = await aq.stats()
+        assert (stats.depth, stats.next_seq) == (1, 2)
+        assert await aq.append([rec("after")]) == [2]
+
+
+async def test_a_malformed_record_fails_only_its_own_caller() -> None:
+    async with AsyncQueue(MemoryQueue) as aq:
+        good = asyncio.create_task(aq.append([rec("good")]), name="append-good")
+        with pytest.raises(TypeError):
+            await aq.append([NewRecord("t", "text", 1)])  # type: ignore[arg-type]
+        assert await good == [1]
+        assert (await aq.stats()).depth == 1
+
+
+async def test_every_queue_call_runs_on_the_one_writer_thread(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    built: list[GatedQueue] = []
+
+    def factory() -> Queue:
+        # SQLite connections refuse use from another thread, so building the store here proves ownership.
+        built.append(GatedQueue(SqliteQueue(path)))
+        return built[0]
+
+    async with AsyncQueue(factory, thread_name="store-writer-test") as aq:
+        seqs = await aq.append([rec("a"), rec("b", Priority.ALARM)])
+        batch = await aq.lease(10, now_s=0.0)
+        assert [r.payload for r in batch.records] == [b"b", b"a"]
+        await aq.settle(batch, acked=[seqs[1]], rejected=[seqs[0]])
+        stats = await aq.stats()
+        assert (stats.depth, stats.acked_total, stats.rejected_total) == (0, 1, 1)
+    assert built[0].threads == {"store-writer-test"}
+
+
+async def test_start_raises_the_stores_typed_error_for_a_corrupt_file(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    path.write_bytes(b"garbage" * 1000)
+    aq = AsyncQueue(lambda: SqliteQueue(path))
+    with pytest.raises(StoreCorrupt):
+        await aq.start()
+    with pytest.raises(StoreClosed):
+        await aq.append([rec("a")])
+
+
+async def test_close_finishes_submitted_work_then_refuses_new_work(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    aq = AsyncQueue(lambda: SqliteQueue(path))
+    await aq.start()
+    pending = [asyncio.create_task(aq.append([rec(str(i))]), name=f"append-{i}") for i in range(20)]
+    await asyncio.sleep(0)
+    await aq.close()
+    assert sorted(s for seqs in await asyncio.gather(*pending) for s in seqs) == list(range(1, 21))
+    with pytest.raises(StoreClosed):
+        await aq.append([rec("late")])
+    with SqliteQueue(path) as q:
+        assert q.stats().depth == 20
+
+
+async def test_an_idle_writer_checkpoints_the_store() -> None:
+    gate = GatedQueue(MemoryQueue())
+    async with AsyncQueue(lambda: gate, idle_checkpoint_s=0.01) as aq:
+        await aq.append([rec("a")])
+        assert await asyncio.to_thread(gate.checkpointed.wait, 10)
