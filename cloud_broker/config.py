@@ -1,0 +1,197 @@
+"""Typed cloud-broker configuration: TOML or CLI flags -> frozen msgspec structs, errors named by path.
+
+Defaults live here, in the model. A file looks like:
+
+    allow_anonymous = false
+    data_dir = "/var/lib/cloud-broker"
+    log_level = "info"
+
+    [[listeners]]
+    kind = "tcp"          # "tcp"; "quic", "tls" and "ws" arrive with their listeners
+    host = "0.0.0.0"
+    port = 1883           # 0 picks a free port (printed when listening)
+
+    [limits]
+    max_packet_size_bytes = 1048576
+    receive_maximum = 1024
+    ...
+
+    [features]
+    retain_available = true
+    ...
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from cloud_broker.core.settings import SESSION_NEVER_EXPIRES, CoreSettings
+from uplink.mqtt.packets import MAX_PACKET_SIZE
+
+EX_CONFIG = 78  # sysexits.h: configuration error; systemd units use it to stop restart loops
+
+LISTENER_KINDS_AVAILABLE = ("tcp",)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; `path` names the field (dotted), `reason` says what is wrong."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path = path
+        self.reason = reason
+
+
+class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    kind: Literal["tcp", "quic", "tls", "ws"] = "tcp"
+    host: str = "0.0.0.0"
+    port: int = 1883
+
+    def __post_init__(self) -> None:
+        if self.kind not in LISTENER_KINDS_AVAILABLE:
+            raise ValueError(f"the {self.kind.upper()} listener is not available yet (only tcp is); "
+                             "remove it or use kind = \"tcp\"")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be within 0..65535 (0 picks a free port)")
+        if not self.host:
+            raise ValueError("host must not be empty")
+
+
+class LimitsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    max_packet_size_bytes: int = 1_048_576
+    receive_maximum: int = 1024
+    topic_alias_maximum: int = 64
+    maximum_qos: int = 2
+    max_inflight_messages: int = 1000
+    max_queued_messages: int = 1000
+    max_session_expiry_s: int | None = None
+    keepalive_multiplier: float = 1.5
+    server_keep_alive_s: int | None = None
+    connect_timeout_s: float = 10.0
+    max_client_id_length: int = 256
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.max_packet_size_bytes <= MAX_PACKET_SIZE:
+            raise ValueError(f"max_packet_size_bytes must be within 16..{MAX_PACKET_SIZE}")
+        if not 1 <= self.receive_maximum <= 65535:
+            raise ValueError("receive_maximum must be within 1..65535")
+        if not 0 <= self.topic_alias_maximum <= 65535:
+            raise ValueError("topic_alias_maximum must be within 0..65535")
+        if self.maximum_qos not in (0, 1, 2):
+            raise ValueError("maximum_qos must be 0, 1 or 2")
+        if not 1 <= self.max_inflight_messages <= 65535:
+            raise ValueError("max_inflight_messages must be within 1..65535")
+        if self.max_queued_messages < 0:
+            raise ValueError("max_queued_messages must be >= 0")
+        expiry = self.max_session_expiry_s
+        if expiry is not None and not 0 <= expiry <= SESSION_NEVER_EXPIRES:
+            raise ValueError(f"max_session_expiry_s must be within 0..{SESSION_NEVER_EXPIRES}")
+        if self.keepalive_multiplier < 1.0:
+            raise ValueError("keepalive_multiplier must be >= 1.0")
+        if self.server_keep_alive_s is not None and not 0 <= self.server_keep_alive_s <= 65535:
+            raise ValueError("server_keep_alive_s must be within 0..65535")
+        if not 0 < self.connect_timeout_s <= 3600:
+            raise ValueError("connect_timeout_s must be within 0..3600 s (exclusive of 0)")
+        if not 1 <= self.max_client_id_length <= 65535:
+            raise ValueError("max_client_id_length must be within 1..65535")
+
+
+class FeaturesSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    retain_available: bool = True
+    wildcard_subscription_available: bool = True
+    shared_subscription_available: bool = True
+    subscription_identifier_available: bool = True
+    queue_qos0_offline: bool = False
+
+
+class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    # Where durable state will live (SQLite persistence arrives later); created at start when missing.
+    data_dir: str | None = None
+    allow_anonymous: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    limits: LimitsSection = LimitsSection()
+    features: FeaturesSection = FeaturesSection()
+
+    def __post_init__(self) -> None:
+        if not self.listeners:
+            raise ValueError("listeners must name at least one listener")
+
+    def core_settings(self) -> CoreSettings:
+        """The pure core's settings from this config."""
+        lim, feat = self.limits, self.features
+        return CoreSettings(
+            allow_anonymous=self.allow_anonymous,
+            max_packet_size_bytes=lim.max_packet_size_bytes,
+            receive_maximum=lim.receive_maximum,
+            topic_alias_maximum=lim.topic_alias_maximum,
+            maximum_qos=lim.maximum_qos,
+            retain_available=feat.retain_available,
+            wildcard_subscription_available=feat.wildcard_subscription_available,
+            shared_subscription_available=feat.shared_subscription_available,
+            subscription_identifier_available=feat.subscription_identifier_available,
+            max_inflight_messages=lim.max_inflight_messages,
+            max_queued_messages=lim.max_queued_messages,
+            queue_qos0_offline=feat.queue_qos0_offline,
+            max_session_expiry_s=lim.max_session_expiry_s,
+            keepalive_multiplier=lim.keepalive_multiplier,
+            server_keep_alive_s=lim.server_keep_alive_s,
+            connect_timeout_s=lim.connect_timeout_s,
+            max_client_id_length=lim.max_client_id_length,
+        )
+
+
+_AT_RE = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)
+
+
+def parse_config(data: dict[str, object]) -> BrokerConfig:
+    """Validate a parsed TOML document (or the same shape built from flags); raise ConfigError by path."""
+    try:
+        return msgspec.convert(data, BrokerConfig)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = _AT_RE.match(text)
+        if not m:
+            raise ConfigError("", text) from None
+        msg, path = m.group("msg"), m.group("path").lstrip(".")
+        field = re.match(r"Object missing required field `([^`]+)`", msg)
+        if field:
+            raise ConfigError(f"{path}.{field.group(1)}" if path else field.group(1),
+                              "required field is missing") from None
+        unknown = re.match(r"Object contains unknown field `([^`]+)`", msg)
+        if unknown:
+            raise ConfigError(f"{path}.{unknown.group(1)}" if path else unknown.group(1),
+                              "unknown field (check the spelling)") from None
+        raise ConfigError(path, msg[:1].lower() + msg[1:]) from None
+
+
+def load_config(path: str | Path) -> BrokerConfig:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
+    return parse_config(data)
+
+
+def parse_endpoint(text: str, flag: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`) from a command-line flag; ConfigError naming the flag."""
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ConfigError(flag, f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_s)
+    if port > 65535:
+        raise ConfigError(flag, f"port {port} is out of range 0..65535")
+    return host, port

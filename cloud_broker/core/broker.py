@@ -1,0 +1,947 @@
+"""The broker core: the MQTT 3.1.1/5.0 server side of every connection, bytes in and bytes out, no I/O.
+
+Theory of operation. Listeners give each network connection an id and call `connection_opened`,
+`data_received` and `connection_lost`, passing monotonic time in seconds. The core decodes packets,
+runs the protocol (CONNECT, sessions, routing, retained messages, wills, keepalive) and collects
+output: bytes per connection and connections to close. After each batch of input (one event-loop
+iteration) the owner calls `drain()` and writes each connection's bytes in one write, then closes
+the listed connections (after their final bytes). Timers are the owner's job too: it calls
+`handle_deadlines(now)` at `next_deadline()`.
+
+Invariants:
+- A connection is in `_conns` from `connection_opened` until the core closes it or it is lost;
+  afterwards input for its id is ignored, so the listener's late callbacks are harmless.
+- A session is attached to at most one connection (`Session.conn_id`); a second CONNECT with the
+  same client id takes the session over and closes the first connection (DISCONNECT 0x8E in v5).
+- A protocol violation by one client closes that connection only (DISCONNECT with the reason code
+  in v5); nothing raised by the protocol escapes to the listener.
+- Deadlines sit in one heap with lazy invalidation: an entry counts only if its time still equals
+  the owner's current deadline (`Connection.deadline`, `Session.expires_at`, the delayed will's).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from enum import Enum
+
+from cloud_broker.core.hooks import Authenticator, Authorizer, MessageHook
+from cloud_broker.core.model import ClientInfo, Message, SubscriptionEntry
+from cloud_broker.core.persistence import MemoryPersistence, Persistence, SessionSnapshot
+from cloud_broker.core.retained import RetainedStore
+from cloud_broker.core.router import Router, SharedGroup
+from cloud_broker.core.session import Delivery, Session
+from cloud_broker.core.settings import SESSION_NEVER_EXPIRES, CoreSettings
+from uplink.mqtt.codec import Decoder, encode, encode_publish
+from uplink.mqtt.errors import ProtocolError, RemoteProtocolError
+from uplink.mqtt.packets import (
+    MAX_PACKET_SIZE,
+    MQTT_5,
+    MQTT_311,
+    NO_PROPERTIES,
+    SUBACK_FAILURE_311,
+    ConnAck,
+    Connect,
+    ConnectReturnCode,
+    Disconnect,
+    Packet,
+    PingReq,
+    PingResp,
+    Properties,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    ReasonCode,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    Will,
+)
+from uplink.mqtt.topics import TopicError, parse_shared, validate_topic_filter
+
+_DL_CONNECTION = 0  # connect timeout, then keepalive
+_DL_SESSION = 1  # expiry of a detached session
+_DL_WILL = 2  # delayed will (MQTT 5 Will Delay Interval)
+
+_MAX_RECEIVE = 65535
+
+
+class _State(Enum):
+    AWAITING_CONNECT = 0
+    CONNECTED = 1
+    CLOSED = 2
+
+
+class Connection:
+    """One network connection's protocol state. Owned by the Broker."""
+
+    __slots__ = (
+        "aliases",
+        "client",
+        "conn_id",
+        "connect_expiry_s",
+        "deadline",
+        "decoder",
+        "inflight_window",
+        "keepalive_window_s",
+        "last_rx",
+        "max_packet_size_out",
+        "opened_at",
+        "peer",
+        "protocol_level",
+        "session",
+        "state",
+        "will",
+    )
+
+    def __init__(self, conn_id: int, peer: str, now: float, max_packet_size: int) -> None:
+        self.conn_id = conn_id
+        self.peer = peer
+        self.opened_at = now
+        self.last_rx = now
+        self.decoder = Decoder(None, max_packet_size)
+        self.state = _State.AWAITING_CONNECT
+        self.protocol_level = MQTT_311
+        self.session: Session | None = None
+        self.client: ClientInfo | None = None
+        self.will: Will | None = None
+        self.keepalive_window_s: float | None = None  # None: no keepalive enforcement
+        self.deadline: float | None = None  # time of this connection's live heap entry
+        self.aliases: dict[int, str] = {}  # inbound Topic Alias -> topic name
+        self.inflight_window = _MAX_RECEIVE
+        self.max_packet_size_out = MAX_PACKET_SIZE
+        self.connect_expiry_s = 0  # Session Expiry Interval the client asked for in CONNECT
+
+
+def _reason_311(reason: int) -> int:
+    """The MQTT 3.1.1 CONNACK return code closest to an MQTT 5 CONNACK reason code."""
+    if reason == ReasonCode.SUCCESS:
+        return ConnectReturnCode.ACCEPTED
+    if reason == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
+        return ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION
+    if reason == ReasonCode.CLIENT_IDENTIFIER_NOT_VALID:
+        return ConnectReturnCode.IDENTIFIER_REJECTED
+    if reason == ReasonCode.BAD_USER_NAME_OR_PASSWORD:
+        return ConnectReturnCode.BAD_USER_NAME_OR_PASSWORD
+    if reason in (ReasonCode.NOT_AUTHORIZED, ReasonCode.BANNED, ReasonCode.BAD_AUTHENTICATION_METHOD):
+        return ConnectReturnCode.NOT_AUTHORIZED
+    return ConnectReturnCode.SERVER_UNAVAILABLE
+
+
+def _default_client_id() -> str:
+    return "fg-" + secrets.token_hex(10)
+
+
+class Broker:
+    """All sessions, subscriptions and retained messages, serving every connection of every listener."""
+
+    def __init__(
+        self,
+        settings: CoreSettings | None = None,
+        *,
+        authenticator: Authenticator | None = None,
+        authorizer: Authorizer | None = None,
+        persistence: Persistence | None = None,
+        hooks: Sequence[MessageHook] = (),
+        client_id_factory: Callable[[], str] = _default_client_id,
+    ) -> None:
+        self.settings = settings = settings or CoreSettings()
+        settings.validate()
+        self._authenticator = authenticator
+        self._authorizer = authorizer  # None: everything allowed (skips a call on the hot path)
+        self._persistence: Persistence = persistence if persistence is not None else MemoryPersistence()
+        self._hooks = tuple(hooks)
+        self._new_client_id = client_id_factory
+        self._conns: dict[int, Connection] = {}
+        self._sessions: dict[str, Session] = {}
+        self._router = Router()
+        self._retained = RetainedStore(on_expired=self._persistence.delete_retained)
+        self._delayed_wills: dict[str, tuple[float, ClientInfo, Message]] = {}
+        self._deadlines: list[tuple[float, int, int, int | str]] = []
+        self._deadline_seq = 0
+        self._writes: dict[int, list[bytes]] = {}
+        self._closes: list[int] = []
+        self._connack_properties = Properties(
+            receive_maximum=settings.receive_maximum if settings.receive_maximum != _MAX_RECEIVE else None,
+            maximum_packet_size=(
+                settings.max_packet_size_bytes if settings.max_packet_size_bytes < MAX_PACKET_SIZE else None
+            ),
+            topic_alias_maximum=settings.topic_alias_maximum or None,
+            maximum_qos=settings.maximum_qos if settings.maximum_qos < 2 else None,
+            retain_available=int(settings.retain_available),
+            wildcard_subscription_available=int(settings.wildcard_subscription_available),
+            subscription_identifier_available=int(settings.subscription_identifier_available),
+            shared_subscription_available=int(settings.shared_subscription_available),
+        )
+
+    # ---------------------------------------------------------------- inputs from listeners and timers
+
+    def connection_opened(self, conn_id: int, peer: str, now: float) -> None:
+        """A listener accepted a connection; it has `connect_timeout_s` to send CONNECT."""
+        conn = Connection(conn_id, peer, now, self.settings.max_packet_size_bytes)
+        self._conns[conn_id] = conn
+        self._schedule_connection(conn, now + self.settings.connect_timeout_s)
+
+    def data_received(self, conn_id: int, data: bytes, now: float) -> None:
+        """Bytes arrived on a connection. Violations close that connection only."""
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return
+        conn.last_rx = now
+        try:
+            packets = conn.decoder.feed(data)
+        except RemoteProtocolError as exc:
+            self._violation(conn, exc, now)
+            return
+        for packet in packets:
+            if conn.state is _State.CLOSED:
+                return
+            try:
+                self._handle(conn, packet, now)
+            except ProtocolError as exc:
+                self._violation(conn, exc, now)
+                return
+
+    def connection_lost(self, conn_id: int, now: float) -> None:
+        """The network connection ended without us closing it: an abnormal disconnect unless DISCONNECTed."""
+        conn = self._conns.get(conn_id)
+        if conn is not None:
+            self._close(conn, now, disconnect_reason=None, publish_will=True, tell_listener=False)
+
+    def handle_deadlines(self, now: float) -> None:
+        """Run every timer due at or before now: connect timeouts, keepalives, session expiry, wills."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            when, _, kind, key = heapq.heappop(heap)
+            if kind == _DL_CONNECTION:
+                conn = self._conns.get(key)  # type: ignore[arg-type]
+                if conn is not None and conn.deadline == when:
+                    self._connection_deadline(conn, now)
+            elif kind == _DL_SESSION:
+                session = self._sessions.get(key)  # type: ignore[arg-type]
+                if session is not None and session.conn_id is None and session.expires_at == when:
+                    self._end_session(session, now)
+            else:
+                will = self._delayed_wills.get(key)  # type: ignore[arg-type]
+                if will is not None and will[0] == when:
+                    del self._delayed_wills[key]  # type: ignore[arg-type]
+                    self._publish_will(will[1], will[2], now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time `handle_deadlines` has work (possibly a little early), or None."""
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def shutdown(self, now: float) -> None:
+        """Close every connection: DISCONNECT 0x8B (Server shutting down) to MQTT 5 clients; no wills."""
+        for conn in list(self._conns.values()):
+            reason = ReasonCode.SERVER_SHUTTING_DOWN if conn.state is _State.CONNECTED else None
+            self._close(conn, now, disconnect_reason=reason, publish_will=False)
+
+    def drain(self) -> tuple[list[tuple[int, bytes]], list[int]]:
+        """Take the output: (conn_id, bytes) to write, in order, then conn_ids to close after writing."""
+        writes = [(cid, b"".join(chunks)) for cid, chunks in self._writes.items()]
+        self._writes = {}
+        closes, self._closes = self._closes, []
+        return writes, closes
+
+    def has_output(self) -> bool:
+        return bool(self._writes or self._closes)
+
+    # ---------------------------------------------------------------- other entry points
+
+    def restore(self, now: float) -> None:
+        """Load retained messages and persistent sessions from persistence (once, before serving)."""
+        for message in self._persistence.load_retained():
+            self._retained.store(message)
+        for snap in self._persistence.load_sessions():
+            session = Session(snap.client_id, snap.protocol_level, snap.expiry_interval_s,
+                              self.settings.max_queued_messages)
+            for entry in snap.subscriptions:
+                session.subscriptions[entry.topic_filter] = entry
+                self._router.add(entry)
+            for stored in snap.queued:
+                session.pending.append(Delivery(stored.message, stored.qos, stored.retain,
+                                                stored.subscription_ids))
+            self._sessions[snap.client_id] = session
+            self._start_expiry(session, now)
+
+    def publish(self, message: Message, now: float) -> int:
+        """Route a message the broker itself originates (rules, `$SYS`); no hooks or authorization.
+
+        Returns the number of sessions it was delivered or queued to.
+        """
+        if message.retain:
+            self._store_retained(message)
+        return self._route(message, now)
+
+    def open_connections(self) -> list[int]:
+        """Ids of the connections the core still considers open."""
+        return list(self._conns)
+
+    def session(self, client_id: str) -> Session | None:
+        return self._sessions.get(client_id)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": len(self._conns),
+            "sessions": len(self._sessions),
+            "subscriptions": len(self._router),
+            "retained": len(self._retained),
+        }
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _handle(self, conn: Connection, packet: Packet, now: float) -> None:
+        if conn.state is _State.AWAITING_CONNECT:
+            if not isinstance(packet, Connect):
+                raise RemoteProtocolError("the first packet must be CONNECT", ReasonCode.PROTOCOL_ERROR)
+            self._on_connect(conn, packet, now)
+            return
+        kind = type(packet)
+        if kind is Publish:
+            self._on_publish(conn, packet, now)  # type: ignore[arg-type]
+        elif kind is PubAck:
+            self._on_puback(conn, packet, now)  # type: ignore[arg-type]
+        elif kind is PingReq:
+            self._send(conn, PingResp())
+        elif kind is Subscribe:
+            self._on_subscribe(conn, packet, now)  # type: ignore[arg-type]
+        elif kind is Unsubscribe:
+            self._on_unsubscribe(conn, packet)  # type: ignore[arg-type]
+        elif kind is PubRec:
+            self._on_pubrec(conn, packet, now)  # type: ignore[arg-type]
+        elif kind is PubRel:
+            self._on_pubrel(conn, packet)  # type: ignore[arg-type]
+        elif kind is PubComp:
+            self._on_pubcomp(conn, packet, now)  # type: ignore[arg-type]
+        elif kind is Disconnect:
+            self._on_disconnect(conn, packet, now)  # type: ignore[arg-type]
+        elif kind is Connect:
+            raise RemoteProtocolError("a second CONNECT on one connection", ReasonCode.PROTOCOL_ERROR)
+        else:
+            # AUTH (enhanced authentication is not offered) and server-to-client packets.
+            raise RemoteProtocolError(f"unexpected {packet.type.name} from a client",
+                                      ReasonCode.PROTOCOL_ERROR)
+
+    def _violation(self, conn: Connection, exc: ProtocolError, now: float) -> None:
+        """Close a connection that broke the protocol, telling the client why where MQTT allows it."""
+        if conn.state is _State.CONNECTED:
+            self._close(conn, now, disconnect_reason=exc.reason_code, publish_will=True)
+            return
+        # Before CONNACK the only allowed answer is a failed CONNACK, and only in a format the client reads.
+        level = conn.decoder.protocol_level
+        if exc.reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
+            if level == MQTT_5:
+                self._send_raw(conn, encode(ConnAck(False, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION), MQTT_5))
+            else:
+                # MQTT 3.1 / 3.1.1 / unknown levels all read the 3.1.1 CONNACK layout.
+                self._send_raw(conn, encode(ConnAck(False, ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION),
+                                            MQTT_311))
+        elif level == MQTT_5 and exc.reason_code >= 0x80:
+            self._send_raw(conn, encode(ConnAck(False, exc.reason_code), MQTT_5))
+        self._close(conn, now, disconnect_reason=None, publish_will=False)
+
+    # ---------------------------------------------------------------- CONNECT
+
+    def _on_connect(self, conn: Connection, pkt: Connect, now: float) -> None:
+        settings = self.settings
+        level = pkt.protocol_level
+        conn.protocol_level = level
+        v5 = level == MQTT_5
+        props = pkt.properties
+        if v5 and props.authentication_method is not None:
+            self._refuse(conn, ReasonCode.BAD_AUTHENTICATION_METHOD, now)
+            return
+        client_id = pkt.client_id
+        assigned: str | None = None
+        if not client_id:
+            # MQTT 3.1.1 requires clean session with an empty id; we apply the same rule to MQTT 5,
+            # where a resumable session under an id the client never learns would be a leak.
+            if not pkt.clean_start:
+                self._refuse(conn, ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, now)
+                return
+            client_id = self._new_client_id()
+            while client_id in self._sessions:
+                client_id = self._new_client_id()
+            if v5:
+                assigned = client_id
+        elif len(client_id) > settings.max_client_id_length:
+            self._refuse(conn, ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, now)
+            return
+
+        will = pkt.will
+        if will is not None:
+            if will.qos > settings.maximum_qos:
+                if v5:
+                    self._refuse(conn, ReasonCode.QOS_NOT_SUPPORTED, now)
+                    return
+                will = replace(will, qos=settings.maximum_qos)  # 3.1.1 has no code for it: downgrade
+            if will.retain and not settings.retain_available:
+                if v5:
+                    self._refuse(conn, ReasonCode.RETAIN_NOT_SUPPORTED, now)
+                    return
+                will = replace(will, retain=False)
+
+        reason = self._authenticate(client_id, pkt, conn.peer)
+        if reason != ReasonCode.SUCCESS:
+            self._refuse(conn, reason, now)
+            return
+
+        # Keepalive: MQTT 5 lets the server impose its own (Server Keep Alive); 3.1.1 clients keep theirs.
+        keep_alive_s = pkt.keep_alive_s
+        server_keep_alive: int | None = None
+        if v5 and settings.server_keep_alive_s is not None and settings.server_keep_alive_s != keep_alive_s:
+            keep_alive_s = server_keep_alive = settings.server_keep_alive_s
+        conn.keepalive_window_s = keep_alive_s * settings.keepalive_multiplier if keep_alive_s else None
+
+        if v5:
+            requested_expiry = props.session_expiry_interval or 0
+        else:
+            requested_expiry = 0 if pkt.clean_start else SESSION_NEVER_EXPIRES
+        conn.connect_expiry_s = requested_expiry
+        expiry = requested_expiry
+        expiry_override: int | None = None
+        if settings.max_session_expiry_s is not None and expiry > settings.max_session_expiry_s:
+            expiry = expiry_override = settings.max_session_expiry_s
+
+        # Take over: the old connection ends abnormally (its will follows the usual rules).
+        existing = self._sessions.get(client_id)
+        if existing is not None and existing.conn_id is not None:
+            old = self._conns.get(existing.conn_id)
+            if old is not None:
+                self._close(old, now, disconnect_reason=ReasonCode.SESSION_TAKEN_OVER, publish_will=True)
+            existing = self._sessions.get(client_id)  # an expiry-0 session ended with its connection
+        if existing is not None and pkt.clean_start:
+            self._end_session(existing, now)
+            existing = None
+        # A new connection to the session before the Will Delay Interval ran out: no will (MQTT 3.1.3.2.2).
+        self._delayed_wills.pop(client_id, None)
+
+        if existing is None:
+            session = Session(client_id, level, expiry, settings.max_queued_messages)
+            self._sessions[client_id] = session
+            session_present = False
+        else:
+            session = existing
+            session.protocol_level = level
+            session.expiry_interval_s = expiry
+            session.expires_at = None
+            session_present = True
+        session.conn_id = conn.conn_id
+
+        conn.session = session
+        conn.client = ClientInfo(client_id, pkt.username, conn.peer, level)
+        conn.will = will
+        conn.state = _State.CONNECTED
+        if v5:
+            conn.inflight_window = min(props.receive_maximum or _MAX_RECEIVE, settings.max_inflight_messages)
+            if props.maximum_packet_size is not None:
+                conn.max_packet_size_out = props.maximum_packet_size
+        else:
+            conn.inflight_window = settings.max_inflight_messages
+
+        if v5:
+            connack_props = self._connack_properties
+            if assigned is not None or server_keep_alive is not None or expiry_override is not None:
+                connack_props = replace(connack_props, assigned_client_identifier=assigned,
+                                        server_keep_alive=server_keep_alive,
+                                        session_expiry_interval=expiry_override)
+            self._send(conn, ConnAck(session_present, ReasonCode.SUCCESS, connack_props))
+        else:
+            self._send(conn, ConnAck(session_present, ConnectReturnCode.ACCEPTED))
+
+        if conn.keepalive_window_s is not None:
+            self._schedule_connection(conn, now + conn.keepalive_window_s)
+        else:
+            conn.deadline = None
+
+        if session_present:
+            self._resend_inflight(conn, session)
+            self._pump(conn, session, now)
+
+    def _authenticate(self, client_id: str, pkt: Connect, peer: str) -> int:
+        if pkt.username is None and pkt.password is None and self.settings.allow_anonymous:
+            return ReasonCode.SUCCESS
+        if self._authenticator is None:
+            # No credentials provider: credentials cannot be checked, so only anonymity can pass.
+            return ReasonCode.SUCCESS if self.settings.allow_anonymous else ReasonCode.NOT_AUTHORIZED
+        return self._authenticator.authenticate(client_id, pkt.username, pkt.password, peer)
+
+    def _refuse(self, conn: Connection, reason: int, now: float) -> None:
+        """Answer CONNECT with a failure CONNACK and close."""
+        if conn.protocol_level == MQTT_5:
+            self._send(conn, ConnAck(False, reason))
+        else:
+            self._send(conn, ConnAck(False, _reason_311(reason)))
+        self._close(conn, now, disconnect_reason=None, publish_will=False)
+
+    # ---------------------------------------------------------------- PUBLISH from a client
+
+    def _on_publish(self, conn: Connection, pkt: Publish, now: float) -> None:
+        settings = self.settings
+        topic = pkt.topic
+        props = pkt.properties
+        qos = pkt.qos
+        expires_at: float | None = None
+        if props is not NO_PROPERTIES:
+            if props.subscription_identifiers:
+                raise RemoteProtocolError("a client PUBLISH carries a Subscription Identifier",
+                                          ReasonCode.PROTOCOL_ERROR)
+            alias = props.topic_alias
+            if alias is not None:
+                if not 0 < alias <= settings.topic_alias_maximum:
+                    raise RemoteProtocolError(f"topic alias {alias} is out of range",
+                                              ReasonCode.TOPIC_ALIAS_INVALID)
+                if topic:
+                    conn.aliases[alias] = topic
+                else:
+                    found = conn.aliases.get(alias)
+                    if found is None:
+                        raise RemoteProtocolError(f"topic alias {alias} was never set",
+                                                  ReasonCode.TOPIC_ALIAS_INVALID)
+                    topic = found
+                props = replace(props, topic_alias=None)
+            if props.message_expiry_interval is not None:
+                expires_at = now + props.message_expiry_interval
+        if not topic:
+            raise RemoteProtocolError("PUBLISH with an empty topic name and no topic alias",
+                                      ReasonCode.PROTOCOL_ERROR)
+        if qos > settings.maximum_qos:
+            raise RemoteProtocolError(f"QoS {qos} is not supported", ReasonCode.QOS_NOT_SUPPORTED)
+        if pkt.retain and not settings.retain_available:
+            raise RemoteProtocolError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
+
+        session = conn.session
+        client = conn.client
+        assert session is not None and client is not None  # CONNECTED implies both
+        pid = pkt.packet_id
+        if qos == 2:
+            assert pid is not None
+            if pid in session.inbound_qos2:
+                # A re-sent QoS 2 PUBLISH whose first copy we already routed: acknowledge, never route twice.
+                self._send(conn, PubRec(pid))
+                return
+            if len(session.inbound_qos2) >= settings.receive_maximum:
+                raise RemoteProtocolError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
+                                          ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+
+        if self._authorizer is not None and not self._authorizer.can_publish(client, topic):
+            reason: int = ReasonCode.NOT_AUTHORIZED
+        else:
+            message = Message(topic, pkt.payload, qos, pkt.retain, props, expires_at, client.client_id)
+            reason = self._accept(client, message, now)
+
+        if qos == 1:
+            assert pid is not None
+            self._send(conn, PubAck(pid, reason))
+        elif qos == 2:
+            assert pid is not None
+            if reason < 0x80:
+                session.inbound_qos2.add(pid)
+            self._send(conn, PubRec(pid, reason))
+
+    def _accept(self, client: ClientInfo, message: Message, now: float) -> int:
+        """Hooks, retained store, routing; returns the PUBACK/PUBREC reason code."""
+        for hook in self._hooks:
+            verdict = hook.on_publish(client, message)
+            if verdict is not None:
+                return verdict
+        if message.retain:
+            self._store_retained(message)
+        delivered = self._route(message, now)
+        return ReasonCode.SUCCESS if delivered else ReasonCode.NO_MATCHING_SUBSCRIBERS
+
+    def _store_retained(self, message: Message) -> None:
+        if self._retained.store(message):
+            if message.payload:
+                self._persistence.save_retained(message)
+            else:
+                self._persistence.delete_retained(message.topic)
+
+    # ---------------------------------------------------------------- routing and delivery
+
+    def _route(self, message: Message, now: float) -> int:
+        """Deliver message to every matching session; returns how many sessions got it."""
+        targets = self._router.match(message.topic)
+        if not targets:
+            return 0
+        # Encoded QoS 0 PUBLISH per (protocol level, retain flag, subscription ids): fan-out encodes once.
+        cache: dict[tuple[int, bool, tuple[int, ...]], bytes | None] = {}
+        sessions = self._sessions
+        if len(targets) == 1 and type(targets[0]) is SubscriptionEntry:
+            entry = targets[0]
+            if entry.no_local and entry.client_id == message.publisher_id:
+                return 0
+            session = sessions[entry.client_id]
+            sub_ids: tuple[int, ...] = (entry.subscription_id,) if entry.subscription_id is not None else ()
+            retain = message.retain and entry.retain_as_published
+            delivery = Delivery(message, min(entry.qos, message.qos), retain, sub_ids)
+            self._deliver(session, delivery, now, cache)
+            return 1
+        # A client whose filters overlap gets one copy: the highest QoS, every Subscription Identifier.
+        merged: dict[str, tuple[int, bool, tuple[int, ...]]] = {}
+        count = 0
+        for target in targets:
+            if type(target) is SharedGroup:
+                picked = target.pick(self._is_online)
+                if picked is None:
+                    continue
+                picked_ids = (picked.subscription_id,) if picked.subscription_id is not None else ()
+                delivery = Delivery(message, min(picked.qos, message.qos), False, picked_ids)
+                self._deliver(sessions[picked.client_id], delivery, now, cache)
+                count += 1
+                continue
+            assert isinstance(target, SubscriptionEntry)
+            if target.no_local and target.client_id == message.publisher_id:
+                continue
+            ids: tuple[int, ...] = (target.subscription_id,) if target.subscription_id is not None else ()
+            seen = merged.get(target.client_id)
+            if seen is None:
+                merged[target.client_id] = (target.qos, target.retain_as_published, ids)
+            else:
+                merged[target.client_id] = (max(seen[0], target.qos), seen[1] or target.retain_as_published,
+                                            seen[2] + ids)
+        for client_id, (qos, rap, ids) in merged.items():
+            delivery = Delivery(message, min(qos, message.qos), message.retain and rap, ids)
+            self._deliver(sessions[client_id], delivery, now, cache)
+        return count + len(merged)
+
+    def _is_online(self, client_id: str) -> bool:
+        session = self._sessions.get(client_id)
+        return session is not None and session.conn_id is not None
+
+    def _deliver(self, session: Session, delivery: Delivery, now: float,
+                 cache: dict[tuple[int, bool, tuple[int, ...]], bytes | None] | None = None) -> None:
+        conn = self._conns.get(session.conn_id) if session.conn_id is not None else None
+        if conn is None:
+            if delivery.qos > 0 or self.settings.queue_qos0_offline:
+                session.enqueue(delivery)
+            return
+        if delivery.qos == 0:
+            if cache is None:
+                data = self._encode_delivery(conn, delivery, 0, False, now)
+            else:
+                key = (conn.protocol_level, delivery.retain, delivery.subscription_ids)
+                if key in cache and delivery.message.expires_at is None:
+                    data = cache[key]
+                else:
+                    data = self._encode_delivery(conn, delivery, 0, False, now)
+                    cache[key] = data
+            if data is not None and len(data) <= conn.max_packet_size_out:
+                self._write(conn.conn_id, data)
+            return
+        if session.pending or len(session.inflight) >= conn.inflight_window:
+            session.enqueue(delivery)
+            return
+        self._send_inflight(conn, session, delivery, now)
+
+    def _send_inflight(self, conn: Connection, session: Session, delivery: Delivery, now: float) -> None:
+        """Send a QoS 1/2 delivery with a fresh packet id; too large or expired ones are dropped."""
+        pid = session.allocate_packet_id()
+        data = self._encode_delivery(conn, delivery, pid, False, now)
+        if data is None or len(data) > conn.max_packet_size_out:
+            # MQTT 5 3.1.2.11.4: a message larger than the client's Maximum Packet Size is discarded.
+            session.dropped_messages += 1
+            return
+        session.inflight[pid] = delivery
+        self._write(conn.conn_id, data)
+
+    def _encode_delivery(self, conn: Connection, delivery: Delivery, pid: int, dup: bool,
+                         now: float) -> bytes | None:
+        """The PUBLISH bytes for this connection, or None when the message expired."""
+        message = delivery.message
+        props = NO_PROPERTIES
+        if conn.protocol_level == MQTT_5:
+            props = message.properties
+            if message.expires_at is not None:
+                remaining = message.expires_at - now
+                if remaining <= 0:
+                    return None
+                props = replace(props, message_expiry_interval=math.ceil(remaining))
+            if delivery.subscription_ids:
+                props = replace(props, subscription_identifiers=delivery.subscription_ids)
+        elif message.expires_at is not None and message.expires_at <= now:
+            return None
+        return encode_publish(message.topic, message.payload, delivery.qos, delivery.retain, dup,
+                              pid if delivery.qos else None, conn.protocol_level, props)
+
+    def _pump(self, conn: Connection, session: Session, now: float) -> None:
+        """Move queued deliveries out while the client's Receive Maximum allows."""
+        pending = session.pending
+        while pending and len(session.inflight) < conn.inflight_window:
+            delivery = pending.popleft()
+            if delivery.qos == 0:
+                data = self._encode_delivery(conn, delivery, 0, False, now)
+                if data is not None and len(data) <= conn.max_packet_size_out:
+                    self._write(conn.conn_id, data)
+            else:
+                self._send_inflight(conn, session, delivery, now)
+
+    def _resend_inflight(self, conn: Connection, session: Session) -> None:
+        """On session resumption, resend unacknowledged PUBLISHes (DUP set) and PUBRELs, in order."""
+        for pid, delivery in session.inflight.items():
+            if delivery.released:
+                self._send(conn, PubRel(pid))
+                continue
+            message = delivery.message
+            props = NO_PROPERTIES
+            if conn.protocol_level == MQTT_5:
+                props = message.properties
+                if delivery.subscription_ids:
+                    props = replace(props, subscription_identifiers=delivery.subscription_ids)
+            self._write(conn.conn_id, encode_publish(message.topic, message.payload, delivery.qos,
+                                                     delivery.retain, True, pid, conn.protocol_level, props))
+
+    # ---------------------------------------------------------------- acknowledgements from a client
+
+    def _on_puback(self, conn: Connection, pkt: PubAck, now: float) -> None:
+        session = conn.session
+        assert session is not None
+        delivery = session.inflight.get(pkt.packet_id)
+        if delivery is None or delivery.qos != 1:
+            return  # unknown or already settled (a late duplicate): nothing to do
+        del session.inflight[pkt.packet_id]
+        if session.pending:
+            self._pump(conn, session, now)
+
+    def _on_pubrec(self, conn: Connection, pkt: PubRec, now: float) -> None:
+        session = conn.session
+        assert session is not None
+        delivery = session.inflight.get(pkt.packet_id)
+        if delivery is None or delivery.qos != 2:
+            self._send(conn, PubRel(pkt.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+            return
+        if pkt.reason_code >= 0x80:
+            # The client refused the message: the exchange ends here (MQTT 5 4.3.3).
+            del session.inflight[pkt.packet_id]
+            self._pump(conn, session, now)
+            return
+        delivery.released = True
+        self._send(conn, PubRel(pkt.packet_id))
+
+    def _on_pubcomp(self, conn: Connection, pkt: PubComp, now: float) -> None:
+        session = conn.session
+        assert session is not None
+        delivery = session.inflight.get(pkt.packet_id)
+        if delivery is None or not delivery.released:
+            return
+        del session.inflight[pkt.packet_id]
+        if session.pending:
+            self._pump(conn, session, now)
+
+    def _on_pubrel(self, conn: Connection, pkt: PubRel) -> None:
+        session = conn.session
+        assert session is not None
+        if pkt.packet_id in session.inbound_qos2:
+            session.inbound_qos2.discard(pkt.packet_id)
+            self._send(conn, PubComp(pkt.packet_id))
+        else:
+            self._send(conn, PubComp(pkt.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+
+    # ---------------------------------------------------------------- SUBSCRIBE / UNSUBSCRIBE
+
+    def _on_subscribe(self, conn: Connection, pkt: Subscribe, now: float) -> None:
+        settings = self.settings
+        session = conn.session
+        client = conn.client
+        assert session is not None and client is not None
+        v5 = conn.protocol_level == MQTT_5
+        ids = pkt.properties.subscription_identifiers
+        sub_id = ids[0] if ids else None
+        if sub_id is not None and not settings.subscription_identifier_available:
+            raise RemoteProtocolError("subscription identifiers are not supported",
+                                      ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED)
+        codes: list[int] = []
+        retained_for: list[tuple[SubscriptionEntry, str]] = []
+        for sub in pkt.subscriptions:
+            flt = sub.topic_filter
+            try:
+                validate_topic_filter(flt)
+                group, inner = parse_shared(flt)
+            except TopicError:
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else SUBACK_FAILURE_311)
+                continue
+            if group is not None:
+                if sub.no_local:
+                    raise RemoteProtocolError("No Local on a shared subscription", ReasonCode.PROTOCOL_ERROR)
+                if not settings.shared_subscription_available:
+                    codes.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else SUBACK_FAILURE_311)
+                    continue
+            if not settings.wildcard_subscription_available and ("+" in inner or "#" in inner):
+                codes.append(ReasonCode.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else SUBACK_FAILURE_311)
+                continue
+            if self._authorizer is not None and not self._authorizer.can_subscribe(client, flt):
+                codes.append(ReasonCode.NOT_AUTHORIZED if v5 else SUBACK_FAILURE_311)
+                continue
+            qos = min(sub.qos, settings.maximum_qos)
+            entry = SubscriptionEntry(client.client_id, flt, qos, sub.no_local, sub.retain_as_published,
+                                      sub.retain_handling, sub_id)
+            old = session.subscriptions.get(flt)
+            if old is not None:
+                self._router.remove(old)
+            session.subscriptions[flt] = entry
+            self._router.add(entry)
+            codes.append(qos)
+            # Retained messages are never sent for shared subscriptions (MQTT 5 4.8.2).
+            wanted = sub.retain_handling == 0 or (sub.retain_handling == 1 and old is None)
+            if group is None and wanted and len(self._retained):
+                retained_for.append((entry, inner))
+        self._send(conn, SubAck(pkt.packet_id, tuple(codes)))
+        for entry, flt in retained_for:
+            ids_out = (entry.subscription_id,) if entry.subscription_id is not None else ()
+            for message in self._retained.matching(flt, now):
+                self._deliver(session, Delivery(message, min(entry.qos, message.qos), True, ids_out), now)
+        self._save_session(session)
+
+    def _on_unsubscribe(self, conn: Connection, pkt: Unsubscribe) -> None:
+        session = conn.session
+        assert session is not None
+        codes: list[int] = []
+        for flt in pkt.topic_filters:
+            entry = session.subscriptions.pop(flt, None)
+            if entry is None:
+                codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+            else:
+                self._router.remove(entry)
+                codes.append(ReasonCode.SUCCESS)
+        self._send(conn, UnsubAck(pkt.packet_id, tuple(codes) if conn.protocol_level == MQTT_5 else ()))
+        self._save_session(session)
+
+    # ---------------------------------------------------------------- DISCONNECT, close, wills, sessions
+
+    def _on_disconnect(self, conn: Connection, pkt: Disconnect, now: float) -> None:
+        session = conn.session
+        assert session is not None
+        keep_will = False
+        if conn.protocol_level == MQTT_5:
+            expiry = pkt.properties.session_expiry_interval
+            if expiry is not None:
+                if conn.connect_expiry_s == 0 and expiry != 0:
+                    raise RemoteProtocolError("DISCONNECT sets a Session Expiry Interval after CONNECT had 0",
+                                              ReasonCode.PROTOCOL_ERROR)
+                cap = self.settings.max_session_expiry_s
+                session.expiry_interval_s = expiry if cap is None else min(expiry, cap)
+            keep_will = pkt.reason_code == ReasonCode.DISCONNECT_WITH_WILL
+        self._close(conn, now, disconnect_reason=None, publish_will=keep_will)
+
+    def _connection_deadline(self, conn: Connection, now: float) -> None:
+        if conn.state is _State.AWAITING_CONNECT:
+            due = conn.opened_at + self.settings.connect_timeout_s
+            if due <= now:
+                self._close(conn, now, disconnect_reason=None, publish_will=False)
+            else:
+                self._schedule_connection(conn, due)
+        elif conn.keepalive_window_s is not None:
+            due = conn.last_rx + conn.keepalive_window_s
+            if due <= now:
+                self._close(conn, now, disconnect_reason=ReasonCode.KEEP_ALIVE_TIMEOUT, publish_will=True)
+            else:
+                self._schedule_connection(conn, due)
+
+    def _close(self, conn: Connection, now: float, *, disconnect_reason: int | None, publish_will: bool,
+               tell_listener: bool = True) -> None:
+        """End a connection: optional DISCONNECT (MQTT 5, after CONNACK only), will, session detach."""
+        if conn.state is _State.CLOSED:
+            return
+        if (disconnect_reason is not None and conn.state is _State.CONNECTED
+                and conn.protocol_level == MQTT_5):
+            self._send(conn, Disconnect(disconnect_reason))
+        conn.state = _State.CLOSED
+        conn.deadline = None
+        del self._conns[conn.conn_id]
+        if tell_listener:
+            self._closes.append(conn.conn_id)
+        else:
+            self._writes.pop(conn.conn_id, None)  # the connection is gone: nowhere to write
+        session = conn.session
+        if session is None or session.conn_id != conn.conn_id:
+            return
+        session.conn_id = None
+        if publish_will and conn.will is not None:
+            assert conn.client is not None
+            self._will_due(conn.client, conn.will, session, now)
+        if session.expiry_interval_s == 0:
+            self._end_session(session, now)
+        else:
+            self._start_expiry(session, now)
+            self._save_session(session)
+
+    def _will_due(self, client: ClientInfo, will: Will, session: Session, now: float) -> None:
+        """Publish a will now, or when its Will Delay Interval ends (or its session, if sooner)."""
+        props = will.properties
+        expires_at = None
+        delay_s = 0
+        if props is not NO_PROPERTIES:
+            delay_s = props.will_delay_interval or 0
+            if props.message_expiry_interval is not None:
+                expires_at = now + delay_s + props.message_expiry_interval
+            props = replace(props, will_delay_interval=None)
+        message = Message(will.topic, will.payload, will.qos, will.retain, props, expires_at,
+                          client.client_id)
+        if delay_s == 0 or session.expiry_interval_s == 0:
+            self._publish_will(client, message, now)
+            return
+        due = now + delay_s
+        self._delayed_wills[client.client_id] = (due, client, message)
+        self._push_deadline(due, _DL_WILL, client.client_id)
+
+    def _publish_will(self, client: ClientInfo, message: Message, now: float) -> None:
+        if self._authorizer is not None and not self._authorizer.can_publish(client, message.topic):
+            return
+        self._accept(client, message, now)
+
+    def _start_expiry(self, session: Session, now: float) -> None:
+        if session.expiry_interval_s == SESSION_NEVER_EXPIRES:
+            session.expires_at = None
+            return
+        session.expires_at = now + session.expiry_interval_s
+        self._push_deadline(session.expires_at, _DL_SESSION, session.client_id)
+
+    def _end_session(self, session: Session, now: float) -> None:
+        """Forget a session: its subscriptions, queue and persisted copy; a delayed will goes out now."""
+        if self._sessions.get(session.client_id) is session:
+            del self._sessions[session.client_id]
+        for entry in session.subscriptions.values():
+            self._router.remove(entry)
+        session.subscriptions.clear()
+        self._persistence.delete_session(session.client_id)
+        will = self._delayed_wills.pop(session.client_id, None)
+        if will is not None:
+            self._publish_will(will[1], will[2], now)
+
+    def _save_session(self, session: Session) -> None:
+        if session.expiry_interval_s != 0:
+            self._persistence.save_session(SessionSnapshot(
+                session.client_id, session.protocol_level, session.expiry_interval_s,
+                tuple(session.subscriptions.values()), session.queued_deliveries()))
+
+    # ---------------------------------------------------------------- output and timers
+
+    def _send(self, conn: Connection, packet: Packet) -> None:
+        # A LocalProtocolError here is a broker bug (we built an invalid packet): it propagates.
+        self._write(conn.conn_id, encode(packet, conn.protocol_level))
+
+    def _send_raw(self, conn: Connection, data: bytes) -> None:
+        self._write(conn.conn_id, data)
+
+    def _write(self, conn_id: int, data: bytes) -> None:
+        chunks = self._writes.get(conn_id)
+        if chunks is None:
+            self._writes[conn_id] = [data]
+        else:
+            chunks.append(data)
+
+    def _schedule_connection(self, conn: Connection, when: float) -> None:
+        conn.deadline = when
+        self._push_deadline(when, _DL_CONNECTION, conn.conn_id)
+
+    def _push_deadline(self, when: float, kind: int, key: int | str) -> None:
+        self._deadline_seq += 1
+        heapq.heappush(self._deadlines, (when, self._deadline_seq, kind, key))
+

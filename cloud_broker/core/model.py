@@ -1,0 +1,58 @@
+"""Plain values the broker core passes around: routed messages, subscriptions, client identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from uplink.mqtt.packets import NO_PROPERTIES, Properties
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One application message as routed: the publisher's view, before per-subscriber changes.
+
+    `properties` holds only what travels to subscribers (no Topic Alias, no Subscription Identifiers).
+    `expires_at` is the monotonic deadline derived from Message Expiry Interval (None: never).
+    `publisher_id` is the publishing client id (for No Local); None for messages the broker made itself.
+    """
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool = False
+    properties: Properties = NO_PROPERTIES
+    expires_at: float | None = None
+    publisher_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionEntry:
+    """One subscription of one session. `topic_filter` is as subscribed, `$share/group/` prefix included."""
+
+    client_id: str
+    topic_filter: str
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    subscription_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who is on a connection, as authenticated; what authorizers and hooks decide on."""
+
+    client_id: str
+    username: str | None
+    peer: str
+    protocol_level: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDelivery:
+    """A delivery owed to a session, as persisted: the message and the subscriber-side options applied."""
+
+    message: Message
+    qos: int
+    retain: bool
+    subscription_ids: tuple[int, ...] = ()
