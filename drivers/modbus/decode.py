@@ -72,7 +72,21 @@ def decode(point: ModbusPoint, words: Sequence[int] | Sequence[bool]) -> Value:
     if t == "string":
         return data.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
     (raw,) = struct.unpack(">" + _STRUCT[t], data)
+    if t == "f32":
+        raw = _shortest_f32(raw, data)
     return _scaled(raw, point)
+
+
+def _shortest_f32(raw: float, data: bytes) -> float:
+    # A float32 widened to float64 prints as 1.4299999475479126; the shortest decimal that packs
+    # back to the same 4 bytes (1.43) is the value the device meant, and encodes back identically.
+    if not math.isfinite(raw):
+        return raw
+    for digits in range(6, 10):
+        candidate = float(f"{raw:.{digits}g}")
+        if struct.pack(">f", candidate) == data:
+            return candidate
+    return raw
 
 
 def _raw_integer(point: ModbusPoint, value: float | int) -> int:

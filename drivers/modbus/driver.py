@@ -209,8 +209,9 @@ class ModbusTcpDriver:
     async def _run_job(self, st: _DeviceState, key: str, emit: Emit) -> None:
         if key == CARD_JOB:
             card = await self._session.capture(st)
-            new = card is not None and (card.quality != Quality.GOOD or card.acquired_at_ns != st.last_card_at_ns)
-            if card is not None and new:
+            # A card is emitted once: the schedule may find the same card again before the RTU has a new one.
+            repeated = card is not None and card.acquired_at_ns == st.last_card_at_ns
+            if card is not None and (card.quality != Quality.GOOD or not repeated):
                 if card.quality == Quality.GOOD:
                     st.last_card_at_ns = card.acquired_at_ns
                 emit(card)
