@@ -121,13 +121,13 @@ def plan_spans(
             s, c = spans[order[i]]
             if i > j and s > end:
                 gap = s - end
-                if gap > max_gap or any(_conflicts(lo, hi, end, s) for lo, hi in ranges):
+                if gap > max_gap or (ranges and any(_conflicts(lo, hi, end, s) for lo, hi in ranges)):
                     break
                 wasted += gap
             new_end = max(end, s + c)
             if new_end - start > max_count:
                 break
-            if any(start < w < new_end and not _inside_one(spans, order, j, i, w) for w in walls):
+            if walls and any(start < w < new_end and not _inside_one(spans, order, j, i, w) for w in walls):
                 break
             end = new_end
             cand = (best[j][0] + 1, best[j][1] + wasted)

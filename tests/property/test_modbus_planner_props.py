@@ -39,7 +39,7 @@ def test_every_point_is_covered_exactly_once_and_no_block_exceeds_the_limit(pts,
         assert 1 <= b.count <= limit
         for p in b.points:
             s = b.slice_of(p)
-            assert 0 <= s.start and s.stop <= b.count
+            assert s.start >= 0 and s.stop <= b.count
         assert all(hi - lo <= max_gap for lo, hi in b.gaps())
 
 
