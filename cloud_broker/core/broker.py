@@ -537,14 +537,18 @@ class Broker:
             message = Message(topic, pkt.payload, qos, pkt.retain, props, expires_at, client.client_id)
             reason = self._accept(client, message, now)
 
+        if conn.protocol_level != MQTT_5:
+            reason_out = 0  # MQTT 3.1.1 acks carry no reason code: a refused message is acked and dropped
+        else:
+            reason_out = reason
         if qos == 1:
             assert pid is not None
-            self._send(conn, PubAck(pid, reason))
+            self._send(conn, PubAck(pid, reason_out))
         elif qos == 2:
             assert pid is not None
             if reason < 0x80:
                 session.inbound_qos2.add(pid)
-            self._send(conn, PubRec(pid, reason))
+            self._send(conn, PubRec(pid, reason_out))
 
     def _accept(self, client: ClientInfo, message: Message, now: float) -> int:
         """Hooks, retained store, routing; returns the PUBACK/PUBREC reason code."""
@@ -715,7 +719,7 @@ class Broker:
         assert session is not None
         delivery = session.inflight.get(pkt.packet_id)
         if delivery is None or delivery.qos != 2:
-            self._send(conn, PubRel(pkt.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+            self._send(conn, PubRel(pkt.packet_id, self._not_found(conn)))
             return
         if pkt.reason_code >= 0x80:
             # The client refused the message: the exchange ends here (MQTT 5 4.3.3).
@@ -742,7 +746,12 @@ class Broker:
             session.inbound_qos2.discard(pkt.packet_id)
             self._send(conn, PubComp(pkt.packet_id))
         else:
-            self._send(conn, PubComp(pkt.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+            self._send(conn, PubComp(pkt.packet_id, self._not_found(conn)))
+
+    @staticmethod
+    def _not_found(conn: Connection) -> int:
+        """Reason code for an ack naming a packet id we do not know (3.1.1 acks have no code)."""
+        return ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if conn.protocol_level == MQTT_5 else 0
 
     # ---------------------------------------------------------------- SUBSCRIBE / UNSUBSCRIBE
 

@@ -248,6 +248,22 @@ def test_a_v5_publish_nobody_subscribes_to_is_acknowledged_with_no_matching_subs
     assert rig.take(p) == [PubAck(1, ReasonCode.NO_MATCHING_SUBSCRIBERS)]
 
 
+def test_a_311_publish_nobody_subscribes_to_gets_a_plain_puback() -> None:
+    rig = Rig()
+    p = rig.connect("p", MQTT_311)
+    rig.send(p, Publish("nobody", b"v", qos=1, packet_id=1), Publish("nobody", b"v", qos=2, packet_id=2))
+    assert rig.take(p) == [PubAck(1), PubRec(2)]
+    rig.send(p, PubRel(2), PubRel(3))
+    assert rig.take(p) == [PubComp(2), PubComp(3)] and not p.closed
+
+
+def test_a_311_publish_the_authorizer_refuses_is_acknowledged_and_dropped() -> None:
+    rig = Rig(Broker(CoreSettings(allow_anonymous=True), authorizer=TreeOnly()))
+    a = rig.connect("a", MQTT_311)
+    rig.send(a, Publish("dev/b/x", b"v", qos=1, packet_id=1))
+    assert rig.take(a) == [PubAck(1)] and not a.closed
+
+
 def test_delivery_qos_is_the_lower_of_publish_and_subscription_qos() -> None:
     rig = Rig()
     s0, p = rig.connect("s0"), rig.connect("p")
