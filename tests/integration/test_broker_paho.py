@@ -13,7 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
@@ -45,7 +45,7 @@ def broker_port() -> Iterator[int]:
 class Peer:
     """A paho client running its network loop in a thread; what it receives lands in queues."""
 
-    def __init__(self, port: int, client_id: str, protocol: int, *, clean: bool = True,
+    def __init__(self, port: int, client_id: str, protocol: MQTTProtocolVersion, *, clean: bool = True,
                  session_expiry_s: int | None = None, will: tuple[str, bytes] | None = None) -> None:
         self.protocol = protocol
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
@@ -65,7 +65,7 @@ class Peer:
         if protocol == mqtt.MQTTv5:
             kwargs["clean_start"] = clean
             if session_expiry_s is not None:
-                props = PahoProperties(PacketTypes.CONNECT)
+                props = PahoProperties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = session_expiry_s
                 kwargs["properties"] = props
         self.client.connect("127.0.0.1", port, keepalive=30, **kwargs)
@@ -114,8 +114,8 @@ def peers() -> Iterator[list[Peer]]:
 
 @pytest.mark.parametrize("protocol", LEVELS)
 @pytest.mark.parametrize("qos", [0, 1, 2])
-def test_paho_publishes_reach_a_paho_subscriber(broker_port: int, peers: list[Peer], protocol: int,
-                                                qos: int) -> None:
+def test_paho_publishes_reach_a_paho_subscriber(
+        broker_port: int, peers: list[Peer], protocol: MQTTProtocolVersion, qos: int) -> None:
     sub = Peer(broker_port, "sub", protocol)
     pub = Peer(broker_port, "pub", protocol)
     peers += [sub, pub]
@@ -127,7 +127,7 @@ def test_paho_publishes_reach_a_paho_subscriber(broker_port: int, peers: list[Pe
 
 @pytest.mark.parametrize("protocol", LEVELS)
 def test_wildcard_subscriptions_match_like_the_spec_says(broker_port: int, peers: list[Peer],
-                                                         protocol: int) -> None:
+                                                         protocol: MQTTProtocolVersion) -> None:
     sub = Peer(broker_port, "sub", protocol)
     pub = Peer(broker_port, "pub", protocol)
     peers += [sub, pub]
@@ -142,7 +142,7 @@ def test_wildcard_subscriptions_match_like_the_spec_says(broker_port: int, peers
 
 @pytest.mark.parametrize("protocol", LEVELS)
 def test_a_retained_message_greets_new_subscribers_until_cleared(broker_port: int, peers: list[Peer],
-                                                                 protocol: int) -> None:
+                                                                 protocol: MQTTProtocolVersion) -> None:
     pub = Peer(broker_port, "pub", protocol)
     peers.append(pub)
     pub.publish("cfg/rate", b"5s", qos=1, retain=True)
@@ -174,7 +174,7 @@ def test_a_second_connection_with_the_same_client_id_takes_over(broker_port: int
 
 @pytest.mark.parametrize("protocol", LEVELS)
 def test_a_will_is_published_when_a_client_vanishes(broker_port: int, peers: list[Peer],
-                                                    protocol: int) -> None:
+                                                    protocol: MQTTProtocolVersion) -> None:
     watcher = Peer(broker_port, "watcher", protocol)
     peers.append(watcher)
     watcher.subscribe("status/#", 1)
@@ -189,7 +189,7 @@ def test_a_will_is_published_when_a_client_vanishes(broker_port: int, peers: lis
 
 @pytest.mark.parametrize("protocol", LEVELS)
 def test_a_persistent_session_gets_qos1_messages_sent_while_it_was_offline(
-        broker_port: int, peers: list[Peer], protocol: int) -> None:
+        broker_port: int, peers: list[Peer], protocol: MQTTProtocolVersion) -> None:
     sub = Peer(broker_port, "collector", protocol, clean=False, session_expiry_s=600)
     sub.subscribe("data/#", 1)
     sub.close()
