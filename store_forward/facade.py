@@ -43,6 +43,7 @@ from store_forward.model import (
     StoreError,
     validate_new_records,
 )
+from store_forward.policy import QueueBounds
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,10 @@ class AsyncQueue:
     async def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None:
         acked_t, rejected_t = tuple(acked), tuple(rejected)  # materialize on the loop, not the thread
         await self._call(lambda q: q.settle(batch, acked_t, rejected_t))
+
+    async def evict(self, bounds: QueueBounds, now_s: float) -> int:
+        evicted: int = await self._call(lambda q: q.evict(bounds, now_s))
+        return evicted
 
     async def stats(self) -> QueueStats:
         stats: QueueStats = await self._call(lambda q: q.stats())

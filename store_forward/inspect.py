@@ -40,6 +40,7 @@ def stats(path: str | os.PathLike[str], *, audit: bool = False) -> dict[str, Any
             "appended_bytes_total": snap.appended_bytes_total,
             "acked_total": snap.acked_total,
             "rejected_total": snap.rejected_total,
+            "evicted_total": snap.evicted_total,
             "by_priority": {
                 p.name: {"depth": snap.depth_by_priority[p], "bytes": snap.bytes_by_priority[p]}
                 for p in Priority

@@ -23,6 +23,7 @@ from store_forward.model import (
     validate_lease_args,
     validate_new_records,
 )
+from store_forward.policy import Candidate, QueueBounds, plan_eviction
 
 
 class MemoryQueue:
@@ -40,6 +41,7 @@ class MemoryQueue:
         self._appended_bytes_total = 0
         self._acked_total = 0
         self._rejected_total = 0
+        self._evicted_total = 0
         self._closed = False
 
     def append(self, records: Sequence[NewRecord]) -> list[int]:
@@ -118,7 +120,24 @@ class MemoryQueue:
             rejected_total=self._rejected_total,
             depth_by_priority=tuple(len(lane) for lane in self._lanes),
             appended_bytes_total=self._appended_bytes_total,
+            evicted_total=self._evicted_total,
         )
+
+    def evict(self, bounds: QueueBounds, now_s: float) -> int:
+        self._check_open()
+        self._book.observe(now_s)
+        book = self._book
+        lanes = (
+            (Candidate(seq, r.priority, len(r.payload), r.enqueued_ns, not book.is_free(seq, now_s))
+             for seq, r in self._lanes[p].items())
+            for p in bounds.eviction_order()
+        )
+        victims = plan_eviction(lanes, depth=len(self._where), size_bytes=self._bytes,
+                                now_ns=self._clock_ns(), bounds=bounds)
+        n = self._delete(victims)
+        self._book.forget(victims)
+        self._evicted_total += n
+        return n
 
     def checkpoint(self) -> None:
         self._check_open()

@@ -19,7 +19,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from store_forward.policy import QueueBounds
 
 
 class Priority(IntEnum):
@@ -87,7 +90,8 @@ class QueueStats:
     `oldest_ts_ns` is the data time of the record waiting longest (lowest seq), None when empty.
     `leased` counts records held by leases that were neither settled nor expired (expiry judged at the
     latest `now_s` the queue saw). Totals count since the store was created (SQLite) or opened (memory).
-    `appended_bytes_total` is the payload bytes ever appended: a cheap proxy for flash wear."""
+    `appended_bytes_total` is the payload bytes ever appended: a cheap proxy for flash wear.
+    `evicted_total` counts records deleted by `evict` (bounds), not delivered: gaps the cloud will see."""
 
     generation: str
     depth: int
@@ -101,6 +105,7 @@ class QueueStats:
     rejected_total: int
     depth_by_priority: tuple[int, ...]
     appended_bytes_total: int
+    evicted_total: int
 
 
 class Queue(Protocol):
@@ -114,6 +119,10 @@ class Queue(Protocol):
     def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None: ...
 
     def stats(self) -> QueueStats: ...
+
+    def evict(self, bounds: QueueBounds, now_s: float) -> int:
+        """Delete records (see `policy.plan_eviction`) until the queue fits bounds; returns how many."""
+        ...
 
     def checkpoint(self) -> None:
         """Housekeeping hint from an idle writer (SQLite: a PASSIVE WAL checkpoint); may do nothing."""

@@ -57,6 +57,7 @@ from store_forward.model import (
     validate_lease_args,
     validate_new_records,
 )
+from store_forward.policy import Candidate, QueueBounds, plan_eviction
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x46475146  # "FGQF": marks the file as a fieldgate queue in the SQLite header
@@ -72,7 +73,7 @@ _DDL = (
     " id INTEGER PRIMARY KEY CHECK (id = 0),"
     " next_seq INTEGER NOT NULL,"
     " appended_total INTEGER NOT NULL, appended_bytes_total INTEGER NOT NULL,"
-    " acked_total INTEGER NOT NULL, rejected_total INTEGER NOT NULL,"
+    " acked_total INTEGER NOT NULL, rejected_total INTEGER NOT NULL, evicted_total INTEGER NOT NULL,"
     " depth_0 INTEGER NOT NULL, depth_1 INTEGER NOT NULL, depth_2 INTEGER NOT NULL,"
     " depth_3 INTEGER NOT NULL, depth_4 INTEGER NOT NULL,"
     " bytes_0 INTEGER NOT NULL, bytes_1 INTEGER NOT NULL, bytes_2 INTEGER NOT NULL,"
@@ -91,11 +92,11 @@ _DDL = (
     "CREATE INDEX records_drain ON records (priority, seq, payload_size)",
 )
 _COUNTER_COLUMNS = (
-    "next_seq, appended_total, appended_bytes_total, acked_total, rejected_total, "
+    "next_seq, appended_total, appended_bytes_total, acked_total, rejected_total, evicted_total, "
     "depth_0, depth_1, depth_2, depth_3, depth_4, bytes_0, bytes_1, bytes_2, bytes_3, bytes_4"
 )
 _SQL_SELECT_COUNTERS = f"SELECT {_COUNTER_COLUMNS} FROM counters WHERE id = 0"
-_SQL_INSERT_COUNTERS = f"INSERT INTO counters (id, {_COUNTER_COLUMNS}) VALUES (0, {', '.join('?' * 15)})"
+_SQL_INSERT_COUNTERS = f"INSERT INTO counters (id, {_COUNTER_COLUMNS}) VALUES (0, {', '.join('?' * 16)})"
 _SQL_UPDATE_COUNTERS = (
     "UPDATE counters SET "
     + ", ".join(f"{c.strip()} = ?" for c in _COUNTER_COLUMNS.split(","))
@@ -106,6 +107,7 @@ _SQL_INSERT_RECORD = (
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _SQL_DELETE_RECORD = "DELETE FROM records WHERE seq = ?"
+_SQL_LANE_OLDEST_FIRST = "SELECT seq, payload_size, enqueued_ns FROM records WHERE priority = ? ORDER BY seq"
 _SQL_DRAIN_ORDER = "SELECT seq, payload_size FROM records ORDER BY priority, seq"
 _SQL_ROW_COLUMNS = "seq, kind, payload, ts_ns, priority, enqueued_ns"
 _SQL_RECOUNT = "SELECT priority, count(*), coalesce(sum(payload_size), 0) FROM records GROUP BY priority"
@@ -148,22 +150,24 @@ class _Counters:
     appended_bytes_total: int
     acked_total: int
     rejected_total: int
+    evicted_total: int
     depth: tuple[int, ...]
     bytes: tuple[int, ...]
 
     @classmethod
     def fresh(cls) -> _Counters:
         zeros = (0,) * PRIORITY_COUNT
-        return cls(1, 0, 0, 0, 0, zeros, zeros)
+        return cls(1, 0, 0, 0, 0, 0, zeros, zeros)
 
     @classmethod
     def from_row(cls, row: Sequence[int]) -> _Counters:
-        n = PRIORITY_COUNT
-        return cls(row[0], row[1], row[2], row[3], row[4], tuple(row[5:5 + n]), tuple(row[5 + n:5 + 2 * n]))
+        n, k = PRIORITY_COUNT, 6
+        return cls(row[0], row[1], row[2], row[3], row[4], row[5], tuple(row[k:k + n]),
+                   tuple(row[k + n:k + 2 * n]))
 
     def as_row(self) -> tuple[int, ...]:
         return (self.next_seq, self.appended_total, self.appended_bytes_total, self.acked_total,
-                self.rejected_total, *self.depth, *self.bytes)
+                self.rejected_total, self.evicted_total, *self.depth, *self.bytes)
 
 
 def _new_generation() -> str:
@@ -389,7 +393,37 @@ class SqliteQueue:
             rejected_total=c.rejected_total,
             depth_by_priority=c.depth,
             appended_bytes_total=c.appended_bytes_total,
+            evicted_total=c.evicted_total,
         )
+
+    def evict(self, bounds: QueueBounds, now_s: float) -> int:
+        """Delete what `policy.plan_eviction` selects, in one transaction; returns the number deleted."""
+        conn = self._db()
+        self._book.observe(now_s)
+        c = self._counters
+        now_ns = self._clock_ns()
+        with _translate(self.path, "evict"), self._transaction(conn):
+            lanes = (
+                (Candidate(seq, p, size, enq_ns, not self._book.is_free(seq, now_s))
+                 for seq, size, enq_ns in conn.execute(_SQL_LANE_OLDEST_FIRST, (int(p),)))
+                for p in bounds.eviction_order()
+            )
+            victims = plan_eviction(lanes, depth=sum(c.depth), size_bytes=sum(c.bytes), now_ns=now_ns,
+                                    bounds=bounds)
+            if not victims:
+                return 0
+            rows = self._fetch_meta(conn, victims)
+            conn.executemany(_SQL_DELETE_RECORD, [(s,) for s in rows])
+            depth, size = list(c.depth), list(c.bytes)
+            for prio, n in rows.values():
+                depth[prio] -= 1
+                size[prio] -= n
+            new = replace(c, evicted_total=c.evicted_total + len(rows), depth=tuple(depth), bytes=tuple(size))
+            conn.execute(_SQL_UPDATE_COUNTERS, new.as_row())
+        self._counters = new
+        self._after_write(PAGE_SIZE * (2 + len(victims) // 32))
+        self._book.forget(victims)
+        return len(rows)
 
     def checkpoint(self) -> None:
         """PASSIVE WAL checkpoint: copies committed pages into the database file without waiting for
@@ -456,6 +490,18 @@ class SqliteQueue:
         return rows
 
     @staticmethod
+    def _fetch_meta(conn: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, tuple[int, int]]:
+        """seq -> (priority, payload_size) for the seqs that exist."""
+        found: dict[int, tuple[int, int]] = {}
+        for i in range(0, len(seqs), _IN_CHUNK):
+            chunk = seqs[i:i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            for seq, prio, n in conn.execute(
+                    f"SELECT seq, priority, payload_size FROM records WHERE seq IN ({marks})", chunk):
+                found[seq] = (prio, n)
+        return found
+
+    @staticmethod
     def _present(conn: sqlite3.Connection, seqs: Sequence[int]) -> set[int]:
         found: set[int] = set()
         for i in range(0, len(seqs), _IN_CHUNK):
@@ -498,6 +544,7 @@ class StoreSnapshot:
     appended_bytes_total: int
     acked_total: int
     rejected_total: int
+    evicted_total: int
     depth_by_priority: tuple[int, ...]
     bytes_by_priority: tuple[int, ...]
     page_size: int
@@ -549,7 +596,8 @@ class ReadOnlyStore:
             depth=sum(c.depth), bytes=sum(c.bytes), oldest_ts_ns=None if oldest is None else int(oldest[0]),
             next_seq=c.next_seq, appended_total=c.appended_total,
             appended_bytes_total=c.appended_bytes_total, acked_total=c.acked_total,
-            rejected_total=c.rejected_total, depth_by_priority=c.depth, bytes_by_priority=c.bytes,
+            rejected_total=c.rejected_total, evicted_total=c.evicted_total,
+            depth_by_priority=c.depth, bytes_by_priority=c.bytes,
             page_size=page_size, page_count=page_count, freelist_count=freelist,
             wal_size_bytes=os.path.getsize(wal) if os.path.exists(wal) else None,
         )

@@ -9,6 +9,7 @@ import pytest
 
 from store_forward.memory import MemoryQueue
 from store_forward.model import Batch, NewRecord, Priority, Queue, StoreClosed
+from store_forward.policy import QueueBounds
 from store_forward.sqlite import SqliteQueue
 
 
@@ -247,3 +248,43 @@ def test_a_closed_queue_refuses_work(harness: Harness) -> None:
         q.append([rec("a")])
     with pytest.raises(StoreClosed):
         q.lease(1, now_s=0.0)
+
+
+def test_eviction_drops_the_least_important_oldest_records_first_and_spares_alarms(harness: Harness) -> None:
+    q = harness.q
+    q.append([rec("alarm1", Priority.ALARM), rec("bulk1", Priority.BULK), rec("tel1"),
+              rec("bulk2", Priority.BULK), rec("alarm2", Priority.ALARM), rec("tel2")])
+    assert q.evict(QueueBounds(max_records=3), now_s=0.0) == 3
+    assert tags(q.lease(10, now_s=0.0)) == ["alarm1", "alarm2", "tel2"]
+    s = q.stats()
+    assert (s.depth, s.evicted_total, s.settled_total) == (3, 3, 0)
+    # Protected lanes are never evicted, even when they alone break the bound.
+    assert q.evict(QueueBounds(max_records=0), now_s=100.0) == 1
+    assert q.stats().depth_by_priority == (2, 0, 0, 0, 0)
+
+
+def test_eviction_by_bytes_stops_as_soon_as_the_queue_fits(harness: Harness) -> None:
+    q = harness.q
+    q.append([NewRecord("t", b"a" * 40, 1), NewRecord("t", b"b" * 40, 2), NewRecord("t", b"c" * 40, 3)])
+    assert q.evict(QueueBounds(max_bytes=80), now_s=0.0) == 1
+    assert q.stats().bytes == 80
+    assert q.evict(QueueBounds(max_bytes=80), now_s=0.0) == 0
+
+
+def test_eviction_spares_records_on_the_wire_until_their_lease_expires(harness: Harness) -> None:
+    q = harness.q
+    q.append([rec("a"), rec("b"), rec("c")])
+    q.lease(1, now_s=0.0, lease_s=10.0)
+    assert q.evict(QueueBounds(max_records=1), now_s=1.0) == 2
+    assert q.stats().depth == 1
+    assert tags(q.lease(10, now_s=11.0)) == ["a"]
+
+
+def test_eviction_by_age_removes_only_records_older_than_the_bound(harness: Harness) -> None:
+    q = harness.q
+    q.append([rec("old", Priority.EVENT)])
+    harness.clock.ns += 120 * 10**9
+    q.append([rec("new", Priority.BULK)])
+    harness.clock.ns += 30 * 10**9
+    assert q.evict(QueueBounds(max_age_s=60.0), now_s=0.0) == 1
+    assert tags(q.lease(10, now_s=0.0)) == ["new"]

@@ -13,6 +13,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from store_forward.memory import MemoryQueue
 from store_forward.model import Batch, NewRecord, Priority, Queue
+from store_forward.policy import QueueBounds
 from store_forward.sqlite import SqliteQueue
 
 
@@ -57,6 +58,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.acked_total = 0
         self.rejected_total = 0
         self.appended_total = 0
+        self.evicted_total = 0
 
     def open_queue(self) -> Queue:
         return MemoryQueue()
@@ -123,6 +125,29 @@ class QueueMachine(RuleBasedStateMachine):
             if r is not None and r.holder is not None and r.holder[0] == batch.lease_id:
                 r.holder = None  # released; a newer lease's claim on it stays
 
+    @rule(max_records=st.none() | st.integers(0, 8), max_bytes=st.none() | st.integers(0, 80),
+          protect_alarms=st.booleans())
+    def evict(self, max_records: int | None, max_bytes: int | None, protect_alarms: bool) -> None:
+        bounds = QueueBounds(max_records=max_records, max_bytes=max_bytes,
+                             protected=frozenset({Priority.ALARM}) if protect_alarms else frozenset())
+        now = self.now_s
+        n = self.q.evict(bounds, now)
+        self.last_lease_now_s = now if self.last_lease_now_s is None else max(now, self.last_lease_now_s)
+        depth, size = len(self.rows), sum(len(r.payload) for r in self.rows)
+        victims = []
+        for r in sorted(self.rows, key=lambda r: (-r.priority, r.seq)):
+            if (max_records is None or depth <= max_records) and (max_bytes is None or size <= max_bytes):
+                break
+            if r.priority in bounds.protected or (r.holder is not None and r.holder[1] > now):
+                continue
+            victims.append(r)
+            depth -= 1
+            size -= len(r.payload)
+        assert n == len(victims)
+        for r in victims:
+            self.rows.remove(r)
+        self.evicted_total += n
+
     @invariant()
     def stats_match_the_model(self) -> None:
         s = self.q.stats()
@@ -134,6 +159,7 @@ class QueueMachine(RuleBasedStateMachine):
         assert (s.acked_total, s.rejected_total) == (self.acked_total, self.rejected_total)
         assert s.settled_total == self.acked_total + self.rejected_total
         assert s.appended_total == self.appended_total
+        assert s.evicted_total == self.evicted_total
         last = self.last_lease_now_s
         expiries = [r.holder[1] for r in self.rows if r.holder is not None]
         assert s.leased == sum(1 for e in expiries if last is None or e > last)
