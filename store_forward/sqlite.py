@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import sqlite3
@@ -58,6 +59,8 @@ from store_forward.model import (
     validate_new_records,
 )
 from store_forward.policy import Candidate, QueueBounds, plan_eviction
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x46475146  # "FGQF": marks the file as a fieldgate queue in the SQLite header
@@ -477,7 +480,12 @@ class SqliteQueue:
     def _after_write(self, approx_wal_bytes: int) -> None:
         self._wal_bytes_since_checkpoint += approx_wal_bytes
         if self._wal_bytes_since_checkpoint >= self._wal_checkpoint_bytes:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except StoreError as e:
+                # The write before this already committed: failing it now would make the caller retry
+                # and duplicate records. The WAL just grows; the next write or idle call tries again.
+                log.warning("%s: backstop checkpoint failed, will retry: %s", self.path, e)
 
     @staticmethod
     def _fetch(conn: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, _Row]:
