@@ -69,7 +69,9 @@ def _join_filter(parts: tuple[list[str], bool]) -> str:
     return "/".join([*lv, "#"] if hash_end else lv)
 
 
-share_names = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00/+#"), min_size=1, max_size=5)
+share_names = st.text(
+    st.characters(exclude_categories=("Cs",), exclude_characters="\x00/+#"), min_size=1, max_size=5
+)
 
 
 def shared_filters() -> st.SearchStrategy[str]:
@@ -131,7 +133,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "SUBACK": frozenset(_ACK),
     "UNSUBSCRIBE": frozenset({"user_properties"}),
     "UNSUBACK": frozenset(_ACK),
-    "DISCONNECT": frozenset({"session_expiry_interval", "server_reference", "reason_string", "user_properties"}),
+    "DISCONNECT": frozenset(
+        {"session_expiry_interval", "server_reference", "reason_string", "user_properties"}
+    ),
     "AUTH": frozenset({"authentication_method", "authentication_data", "reason_string", "user_properties"}),
 }
 
@@ -198,7 +202,23 @@ PUBREL_CODES_5 = [0x00, 0x92]
 SUBACK_CODES_5 = [0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2]
 UNSUBACK_CODES_5 = [0x00, 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91]
 DISCONNECT_CODES_5 = [0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93]
-DISCONNECT_CODES_5 += [0x94, 0x95, 0x96, 0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2]
+DISCONNECT_CODES_5 += [
+    0x94,
+    0x95,
+    0x96,
+    0x97,
+    0x98,
+    0x99,
+    0x9A,
+    0x9B,
+    0x9C,
+    0x9D,
+    0x9E,
+    0x9F,
+    0xA0,
+    0xA1,
+    0xA2,
+]
 AUTH_CODES_5 = [0x00, 0x18, 0x19]
 
 packet_ids = st.integers(1, 0xFFFF)

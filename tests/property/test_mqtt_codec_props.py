@@ -40,7 +40,9 @@ def test_a_client_stream_decodes_to_the_same_packets_however_it_is_split(
 
 @SETTINGS
 @given(data=st.data(), level=LEVELS, cuts=st.lists(st.integers(0, 10_000), max_size=8))
-def test_every_packet_type_round_trips_at_a_known_level(data: st.DataObject, level: int, cuts: list[int]) -> None:
+def test_every_packet_type_round_trips_at_a_known_level(
+    data: st.DataObject, level: int, cuts: list[int]
+) -> None:
     packets = data.draw(st.lists(ms.packets(level, include_connect=False), min_size=1, max_size=6))
     wire = b"".join(encode(p, level) for p in packets)
     assert _feed_in_pieces(Decoder(level), wire, cuts) == packets
@@ -69,7 +71,9 @@ def test_the_publish_fast_path_writes_the_same_bytes_as_encode(data: st.DataObje
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), level=LEVELS)
-def test_max_packet_size_refuses_exactly_the_packets_that_are_too_big(data: st.DataObject, level: int) -> None:
+def test_max_packet_size_refuses_exactly_the_packets_that_are_too_big(
+    data: st.DataObject, level: int
+) -> None:
     packet = data.draw(ms.packets(level, include_connect=False))
     size = len(encode(packet, level))
     assert encode(packet, level, max_packet_size=size) == encode(packet, level)

@@ -47,7 +47,8 @@ def oracle_filter_valid(flt: str) -> bool:
             return False
     lv = flt.split("/")
     return all(
-        (x == "#" and i == len(lv) - 1) or x == "+" or ("+" not in x and "#" not in x) for i, x in enumerate(lv)
+        (x == "#" and i == len(lv) - 1) or x == "+" or ("+" not in x and "#" not in x)
+        for i, x in enumerate(lv)
     )
 
 
