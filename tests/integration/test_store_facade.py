@@ -21,6 +21,7 @@ from store_forward.model import (
     StoreCorrupt,
     StoreFull,
 )
+from store_forward.policy import QueueBounds
 from store_forward.sqlite import SqliteQueue
 
 
@@ -53,6 +54,10 @@ class GatedQueue:
 
     def stats(self) -> QueueStats:
         return self.inner.stats()
+
+    def evict(self, bounds: QueueBounds, now_s: float) -> int:
+        self.threads.add(threading.current_thread().name)
+        return self.inner.evict(bounds, now_s)
 
     def checkpoint(self) -> None:
         self.inner.checkpoint()
@@ -155,8 +160,10 @@ async def test_every_queue_call_runs_on_the_one_writer_thread(tmp_path: Path) ->
         batch = await aq.lease(10, now_s=0.0)
         assert [r.payload for r in batch.records] == [b"b", b"a"]
         await aq.settle(batch, acked=[seqs[1]], rejected=[seqs[0]])
+        await aq.append([rec("c", Priority.BULK), rec("d", Priority.BULK)])
+        assert await aq.evict(QueueBounds(max_records=1), now_s=0.0) == 1
         stats = await aq.stats()
-        assert (stats.depth, stats.acked_total, stats.rejected_total) == (0, 1, 1)
+        assert (stats.depth, stats.acked_total, stats.rejected_total, stats.evicted_total) == (1, 1, 1, 1)
     assert built[0].threads == {"store-writer-test"}
 
 

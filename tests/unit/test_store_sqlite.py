@@ -12,6 +12,7 @@ import pytest
 
 from store_forward import inspect as store_inspect
 from store_forward.model import NewRecord, Priority, StoreBusy, StoreCorrupt, StoreFull
+from store_forward.policy import QueueBounds
 from store_forward.sqlite import PAGE_SIZE, SqliteQueue
 
 
@@ -79,11 +80,14 @@ def test_counters_and_totals_survive_a_reopen(db: Path) -> None:
         q.append([rec(b"aaa", Priority.ALARM), rec(b"bb"), rec(b"c", Priority.BULK)])
         batch = q.lease(2, now_s=0.0)
         q.settle(batch, acked=[batch.seqs[0]], rejected=[batch.seqs[1]])
+        q.append([rec(b"dd", Priority.BULK)])
+        assert q.evict(QueueBounds(max_records=1), now_s=0.0) == 1
         before = q.stats()
     with SqliteQueue(db) as q:
         after = q.stats()
     assert after == before
-    assert (after.depth, after.bytes, after.acked_total, after.rejected_total) == (1, 1, 1, 1)
+    assert (after.depth, after.bytes, after.acked_total, after.rejected_total) == (1, 2, 1, 1)  # "dd" left
+    assert (after.evicted_total, after.next_seq) == (1, 5)
 
 
 def test_leases_are_forgotten_on_reopen_so_every_unsettled_record_is_leased_again(db: Path) -> None:
