@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from drivers.modbus.config import ModbusDevice
+from drivers.modbus.config import ModbusDevice, a11_card_spec, a11_points
 from uplink.schema.topics import DEFAULT_PREFIX, validate_agent_id
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd units use it to stop restart loops
@@ -124,16 +124,52 @@ def _path_of(raw: str) -> str:
     return raw.lstrip(".")
 
 
+PROFILES = ("a11",)
+
+
+def _expand_profiles(data: dict[str, object]) -> dict[str, object]:
+    """`profile = "a11"` on a modbus device stands for the A11 beam-pump map and card.
+
+    Points given explicitly are added to (or, by name, replace) the profile's points; a `card` table
+    overrides single fields of the profile's card.
+    """
+    devices = data.get("modbus")
+    if not isinstance(devices, list):
+        return data
+    expanded: list[object] = []
+    for i, dev in enumerate(devices):
+        if not isinstance(dev, dict) or "profile" not in dev:
+            expanded.append(dev)
+            continue
+        dev = dict(dev)
+        profile = dev.pop("profile")
+        if profile not in PROFILES:
+            raise ConfigError(f"modbus[{i}].profile", f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
+        own_points = dev.get("points", [])
+        if not isinstance(own_points, list):
+            raise ConfigError(f"modbus[{i}].points", "expected an array of tables")
+        own_names = {p.get("name") for p in own_points if isinstance(p, dict)}
+        base_points = [msgspec.to_builtins(p) for p in a11_points() if p.name not in own_names]
+        dev["points"] = base_points + own_points
+        card = dev.get("card", {})
+        if card is not False:
+            if not isinstance(card, dict):
+                raise ConfigError(f"modbus[{i}].card", "expected a table (or false for no card)")
+            dev["card"] = {**msgspec.to_builtins(a11_card_spec()), **card}
+        else:
+            dev.pop("card")
+        expanded.append(dev)
+    return {**data, "modbus": expanded}
+
+
 def parse_config(data: dict[str, object]) -> AgentConfig:
     """Validate a parsed TOML document; raise ConfigError naming the bad field."""
     try:
-        return msgspec.convert(data, AgentConfig)
+        return msgspec.convert(_expand_profiles(data), AgentConfig)
     except msgspec.ValidationError as exc:
         text = str(exc)
         m = _AT_RE.match(text)
-        if not m:
-            raise ConfigError("", text) from None
-        msg, path = m.group("msg"), _path_of(m.group("path"))
+        msg, path = (m.group("msg"), _path_of(m.group("path"))) if m else (text, "")
         field = re.match(r"Object missing required field `([^`]+)`", msg)
         if field:
             return_path = f"{path}.{field.group(1)}" if path else field.group(1)

@@ -86,27 +86,21 @@ def percentile(values: list[float], q: float) -> float:
 
 def agent_config(workdir: Path, agent_id: str, broker_port: int, endpoints: list[tuple[str, str, int, int]],
                  card_interval_s: float) -> Path:
-    from hil.wellsite import agent_devices_for
-
-    devices = agent_devices_for(endpoints, card_interval_s=card_interval_s, poll_interval_s=1.0)
+    devices = [
+        {"name": name, "host": host, "port": port, "unit_id": unit, "profile": "a11", "poll_interval_s": 1.0,
+         "card": {"interval_s": card_interval_s}}
+        for name, host, port, unit in endpoints
+    ]
     doc = {
         "agent": {"id": agent_id, "data_dir": str(workdir / "agent"), "log_level": "info",
                   "drain_on_stop_s": 15.0},
         "uplink": {"host": "127.0.0.1", "port": broker_port, "keep_alive_s": 10,
                    "reconnect_initial_s": 0.2, "reconnect_max_s": 2.0},
-        "modbus": [msgspec.to_builtins(d) for d in devices],
+        "modbus": devices,
     }
     path = workdir / "agent.toml"
-    path.write_text(tomli_w.dumps(_drop_none(doc)))
+    path.write_text(tomli_w.dumps(doc))
     return path
-
-
-def _drop_none(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list):
-        return [_drop_none(v) for v in obj]
-    return obj
 
 
 class Procs:

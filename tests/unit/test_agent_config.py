@@ -58,3 +58,29 @@ def test_edge_agent_check_exits_with_ex_config_and_names_the_field(tmp_path: Pat
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "config OK" in proc.stdout
+
+
+def test_the_a11_profile_expands_to_the_a11_map_and_card_with_overrides() -> None:
+    cfg = parse_config({**MINIMAL, "modbus": [{
+        "name": "well-001", "host": "10.0.0.5", "unit_id": 3, "profile": "a11",
+        "points": [{"name": "tubing_pressure", "address": 40300, "type": "f32", "deadband": 0.05},
+                   {"name": "extra", "address": 40006}],
+        "card": {"interval_s": 600},
+    }]})
+    (dev,) = cfg.modbus
+    names = [p.name for p in dev.points]
+    assert names.count("tubing_pressure") == 1 and "extra" in names and "casing_pressure" in names
+    assert next(p for p in dev.points if p.name == "tubing_pressure").deadband == 0.05
+    assert dev.card is not None and dev.card.interval_s == 600 and dev.card.load_curve == 41251
+
+
+def test_an_unknown_profile_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({**MINIMAL, "modbus": [{"name": "w", "host": "h", "profile": "a12"}]})
+    assert info.value.path == "modbus[0].profile"
+
+
+def test_a_missing_top_level_section_is_named_by_its_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"uplink": {"host": "h"}})
+    assert info.value.path == "agent"
