@@ -177,6 +177,7 @@ class Uplink:
         self._send_lock = asyncio.Lock()
         self._acks: dict[int, asyncio.Future[int]] = {}
         self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._room_granted = 0  # waiters woken for a free slot that have not resumed yet
         self._connect_waiters: list[asyncio.Future[None]] = []
         self._subscriptions: dict[str, Subscription] = {}
         self._backlog: deque[_Request] = deque()  # requests to send once connected
@@ -498,15 +499,20 @@ class Uplink:
                 await waiter
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
+                    self._room_granted -= 1
                     self._wake_room_waiters()  # we were handed a slot we will not use: pass it on
                 raise
+            self._room_granted -= 1
 
     def _wake_room_waiters(self) -> None:
-        free = self._session.inflight_free
+        # Acks arrive in bursts; slots already promised to woken-but-not-yet-running waiters are not
+        # free, or each burst would wake (and requeue) quadratically many waiters.
+        free = self._session.inflight_free - self._room_granted
         while free > 0 and self._room_waiters:
             waiter = self._room_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self._room_granted += 1
                 free -= 1
 
     def _fail_waiters(self, exc: Exception) -> None:

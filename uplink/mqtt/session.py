@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from uplink.mqtt import topics
-from uplink.mqtt.codec import Decoder, encode
+from uplink.mqtt.codec import Decoder, encode, encode_publish
 from uplink.mqtt.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from uplink.mqtt.packets import (
     MAX_PACKET_ID,
@@ -268,6 +268,7 @@ class ClientSession:
         self._keep_alive_s = config.keep_alive_s
         self._inbound_aliases: dict[int, str] = {}
         self._outbound_aliases: OrderedDict[str, int] = OrderedDict()  # LRU: oldest first
+        self._alias_properties: dict[int, Properties] = {}
         # The server's limits from CONNACK (MQTT 5); reset to the spec defaults for each connection.
         self.server_receive_maximum = DEFAULT_RECEIVE_MAXIMUM
         self.server_maximum_packet_size: int | None = None
@@ -703,21 +704,31 @@ class ClientSession:
     def _send_publish(self, message: Publish, dup: bool = False) -> None:
         """Encode message with an outbound topic alias if the server allows them; commit the alias only
         once the packet encoded (a too-large packet must leave the alias table untouched)."""
-        wire = replace(message, dup=dup) if dup else message
+        topic = message.topic
+        properties = message.properties
         alias: int | None = None
         evict: str | None = None
         if self.server_topic_alias_maximum > 0 and self.config.outbound_topic_aliases:
             known = self._outbound_aliases.get(message.topic)
             if known is not None:
                 alias = known
-                wire = replace(wire, topic="", properties=replace(wire.properties, topic_alias=alias))
+                topic = ""
+            elif len(self._outbound_aliases) < self.server_topic_alias_maximum:
+                alias = len(self._outbound_aliases) + 1
             else:
-                if len(self._outbound_aliases) < self.server_topic_alias_maximum:
-                    alias = len(self._outbound_aliases) + 1
-                else:
-                    evict, alias = next(iter(self._outbound_aliases.items()))
-                wire = replace(wire, properties=replace(wire.properties, topic_alias=alias))
-        self._out += encode(wire, self.protocol_level, self.server_maximum_packet_size)
+                evict, alias = next(iter(self._outbound_aliases.items()))
+            if properties is NO_PROPERTIES:
+                # The common telemetry case; dataclasses.replace on 27 fields per message is costly.
+                cached = self._alias_properties.get(alias)
+                if cached is None:
+                    cached = self._alias_properties[alias] = Properties(topic_alias=alias)
+                properties = cached
+            else:
+                properties = replace(properties, topic_alias=alias)
+        self._out += encode_publish(
+            topic, message.payload, message.qos, message.retain, dup, message.packet_id,
+            self.protocol_level, properties, self.server_maximum_packet_size,
+        )
         self._last_sent_s = self._now_s
         if alias is not None:
             if evict is not None:
