@@ -282,6 +282,21 @@ def test_a_server_decoder_refuses_bad_connects_with_the_spec_reason_code(wire: b
     assert exc.value.reason_code == code
 
 
+def test_a_failed_v5_connect_still_tells_the_server_which_level_to_answer_in() -> None:
+    decoder = Decoder()
+    with pytest.raises(RemoteProtocolError):
+        decoder.feed(_connect("02", "03 21 0000 0000", "05"))
+    assert decoder.protocol_level == 5
+
+
+def test_an_error_while_bytes_are_buffered_is_still_a_remote_protocol_error() -> None:
+    decoder = Decoder(MQTT_311)
+    assert decoder.feed(h("30")) == []
+    with pytest.raises(RemoteProtocolError):
+        decoder.feed(h("03 0001 ff"))
+    assert decoder.buffered_bytes() == 0
+
+
 def test_a_v5_connect_may_carry_a_password_without_a_user_name() -> None:
     [packet] = Decoder().feed(_connect("42", "00 0000 0001 70", "05"))
     assert isinstance(packet, Connect)

@@ -801,6 +801,7 @@ class Decoder:
 
     @property
     def protocol_level(self) -> int | None:
+        """4 or 5 once known. After a failed CONNECT: the level it declared (if 4 or 5), else None."""
         return self._level
 
     @protocol_level.setter
@@ -899,6 +900,15 @@ class Decoder:
     def _connect(self, mv: memoryview, body: int, end: int, level: int | None) -> Connect:
         if self._connect_seen:
             raise _protocol("second CONNECT on one connection (MQTT-3.1.0-2)")
+        if (
+            level is None
+            and end - body >= 7
+            and bytes(mv[body : body + 6]) == b"\x00\x04MQTT"
+            and mv[body + 6] in (4, 5)
+        ):
+            # Adopt the declared level before the rest is parsed, so that a server whose CONNECT fails
+            # below can still answer in the client's own version (CONNACK 0x81/0x82... at level 5).
+            self._level = mv[body + 6]
         packet = _dec_connect(mv, body, end, 0, level or MQTT_5)
         if level is None:
             self._connect_seen = True
