@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
@@ -34,7 +36,15 @@ class Mosquitto:
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log)
-        wait_tcp_listening(self.port, pid=self.proc.pid)
+        for _ in range(50):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                wait_tcp_listening(self.port, pid=self.proc.pid, timeout_s=0.2)
+            except TimeoutError:
+                continue
+            return
+        raise TimeoutError(f"mosquitto is not listening on {self.port}: {self.log.read_text()}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -197,3 +207,111 @@ async def test_close_fails_publishes_that_can_no_longer_complete(mosquitto: Mosq
         assert isinstance(await pending, UplinkClosed)
         with pytest.raises(UplinkClosed):
             await uplink.publish("fg/x", b"after close", qos=1)
+
+
+def write_tls_material(directory: Path, common_name: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key) PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    valid_from, valid_to = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid_from).not_valid_after(valid_to)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(valid_from).not_valid_after(valid_to)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / f"{common_name}-ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    for path in paths:
+        path.chmod(0o644)  # mosquitto may drop root privileges before reading them
+    return paths
+
+
+@pytest.fixture
+def tls_mosquitto(tmp_path: Path) -> Iterator[tuple[Mosquitto, Path]]:
+    binary = require_binary("mosquitto")
+    # Mosquitto started as root drops to its own user before reading certificates, and pytest's
+    # tmp_path lives under a root-only directory: the throwaway TLS files go to a world-readable one.
+    shared = Path(tempfile.mkdtemp(prefix="fieldgate-tls-"))
+    shared.chmod(0o755)
+    ca, cert, key = write_tls_material(shared, "fieldgate-test-ca")
+    broker = Mosquitto(binary, tmp_path)
+    broker.conf.write_text(
+        f"listener {broker.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"certfile {cert}\nkeyfile {key}\n"
+    )
+    try:
+        broker.start()
+        yield broker, ca
+    finally:
+        broker.stop()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+async def test_tls_connects_when_the_broker_certificate_chains_to_our_ca(
+    tls_mosquitto: tuple[Mosquitto, Path],
+) -> None:
+    broker, ca = tls_mosquitto
+    uplink = Uplink(config(broker, "tls-ok", tls=True, ca_file=str(ca)))
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(uplink.run(), name="uplink")
+        async with asyncio.timeout(STEP_TIMEOUT_S):
+            await uplink.wait_connected()
+            await uplink.subscribe([("fg/tls", 1)])
+            assert await uplink.publish("fg/tls", b"secret", qos=1) == 0
+            assert (await next_message(uplink.inbound())).payload == b"secret"
+        await uplink.close()
+
+
+async def test_tls_refuses_a_broker_whose_certificate_we_cannot_verify(
+    tls_mosquitto: tuple[Mosquitto, Path], tmp_path: Path
+) -> None:
+    broker, _ = tls_mosquitto
+    other = tmp_path / "other"
+    other.mkdir()
+    other_ca, _, _ = write_tls_material(other, "someone-else")
+    attempts = 0
+
+    async def counting(cfg: UplinkConfig) -> Transport:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 3:
+            verified.set()
+        return await tcp_transport_factory(cfg)
+
+    verified = asyncio.Event()
+    uplink = Uplink(config(broker, "tls-bad", tls=True, ca_file=str(other_ca)), transport_factory=counting)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(uplink.run(), name="uplink")
+        await asyncio.wait_for(verified.wait(), STEP_TIMEOUT_S)
+        assert not uplink.connected
+        await uplink.close()
