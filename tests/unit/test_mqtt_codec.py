@@ -526,3 +526,18 @@ def test_a_large_payload_gets_a_multi_byte_length() -> None:
     wire = encode_publish("t", payload, 1, False, False, 9, MQTT_311)
     assert wire[:4] == h("32") + encode_varint(256_000 + 5)
     assert Decoder(MQTT_311).feed(wire) == [Publish("t", payload, 1, packet_id=9)]
+
+
+def test_packets_before_a_violation_in_the_same_chunk_are_handed_over_with_the_error() -> None:
+    from uplink.mqtt.codec import Decoder, encode
+    from uplink.mqtt.errors import RemoteProtocolError
+    from uplink.mqtt.packets import Connect, PingReq
+
+    d = Decoder()
+    chunk = encode(Connect("c1"), 5) + encode(PingReq(), 5) + b"\x00\x00"  # type 0 is reserved
+    try:
+        d.feed(chunk)
+    except RemoteProtocolError as exc:
+        assert [type(p).__name__ for p in exc.packets_before] == ["Connect", "PingReq"]
+    else:
+        raise AssertionError("a reserved packet type must be refused")

@@ -824,11 +824,14 @@ class Decoder:
             src: bytes | bytearray | memoryview = buf
         else:
             src = data  # fast path: parse the caller's bytes in place, copy only an unfinished tail
+        parsed: list[Packet] = []
         try:
-            packets, pos = self._parse(src)
+            packets, pos = self._parse(src, parsed)
         except ProtocolError as exc:
             self._failure = exc
             buf.clear()
+            # The packets before the violation were valid: the caller handles them, then closes.
+            exc.packets_before = tuple(parsed)
             raise
         if src is buf:
             del buf[:pos]
@@ -836,8 +839,7 @@ class Decoder:
             buf += memoryview(src)[pos:]
         return packets
 
-    def _parse(self, src: bytes | bytearray | memoryview) -> tuple[list[Packet], int]:
-        packets: list[Packet] = []
+    def _parse(self, src: bytes | bytearray | memoryview, packets: list[Packet]) -> tuple[list[Packet], int]:
         append = packets.append
         decoders = _DECODERS
         n = len(src)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from uplink.mqtt.packets import ReasonCode
+
+if TYPE_CHECKING:
+    from uplink.mqtt.packets import Packet
 
 
 class ProtocolError(Exception):
@@ -11,6 +16,8 @@ class ProtocolError(Exception):
     def __init__(self, message: str, reason_code: int = ReasonCode.PROTOCOL_ERROR) -> None:
         super().__init__(message)
         self.reason_code = reason_code
+        # Set by Decoder.feed: valid packets that arrived in the same chunk before the violation.
+        self.packets_before: tuple[Packet, ...] = ()
 
 
 class RemoteProtocolError(ProtocolError):
