@@ -3,7 +3,8 @@
 Theory of operation. Each key (a signal) has a report interval, or None to pass every value through.
 Report ticks lie on a grid `start_s + k * interval_s` (monotonic seconds), so reports of one interval
 stay in phase with each other. A value offered between two ticks replaces the pending one; at the tick
-the pending value (the last value before the report) is released exactly once. A signal that sent
+the pending value (the last value before the report) is released exactly once. Intervals are half
+open: a value offered exactly at a tick belongs to the next report. A signal that sent
 nothing since the previous tick releases nothing: decimation never invents samples. Released items are
 the offered objects unchanged, so a reading keeps the timestamp of the CAN frame it came from.
 

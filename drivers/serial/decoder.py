@@ -156,6 +156,7 @@ class PortDecoder:
         """The port failed or vanished: forget the partial frame and report the line BAD."""
         self._ts_ns = ts_ns
         self.framer.reset()
+        self.stats.bytes_dropped = self.framer.stats.bytes_dropped
         self._bad(reason, force=True)
         out, self._out = self._out, []
         return out
