@@ -77,11 +77,15 @@ class _PasswordUsers(UserManager):
 
     def __init__(self, users: Mapping[str, str]) -> None:
         self._users = dict(users)
+        self.refused = 0  # logins turned away, so rigs can watch a client retrying
+        self.refusal = asyncio.Event()  # set on each refusal (get_user runs on the server's loop)
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> User | None:
         if username is not None and self._users.get(username) == password:
             return User(role=UserRole.User, name=username)
+        self.refused += 1
+        self.refusal.set()
         return None
 
 
@@ -121,6 +125,7 @@ class OpcUaStation:
         self._rng = random.Random(seed)
         self._max_subscriptions = max_subscriptions
         self._server: Server | None = None
+        self._user_manager: _PasswordUsers | None = None
         self._ns = 0
         self._state: dict[int, _Well] = {}
         self._heartbeat = 0
@@ -128,6 +133,20 @@ class OpcUaStation:
         self.server_certificate: Path | None = None  # DER file clients may pin
 
     # -- addressing (what clients configure) ---------------------------------------------------
+
+    @property
+    def refused_logins(self) -> int:
+        """How many sessions were refused for a wrong user name or password since start."""
+        return self._user_manager.refused if self._user_manager is not None else 0
+
+    async def wait_refused_logins(self, count: int) -> None:
+        """Return once `refused_logins` has reached count (wrap in asyncio.timeout)."""
+        manager = self._user_manager
+        if manager is None:
+            raise RuntimeError("station has no users, so it refuses no logins")
+        while manager.refused < count:
+            manager.refusal.clear()
+            await manager.refusal.wait()
 
     @property
     def namespace_index(self) -> int:
@@ -164,6 +183,7 @@ class OpcUaStation:
     async def start(self) -> None:
         """Build the address space and listen; returns once clients can connect."""
         user_manager = _PasswordUsers(self._users) if self._users else None
+        self._user_manager = user_manager
         server = Server(user_manager=user_manager)
         await server.init()
         server.set_endpoint(self.endpoint)
