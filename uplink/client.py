@@ -62,9 +62,15 @@ from uplink.tcp import client_ssl_context, open_tcp
 
 log = logging.getLogger(__name__)
 
+CLOSE_FLUSH_TIMEOUT_S = 1.0
+
 
 class Transport(Protocol):
-    """An ordered byte stream to the broker. Failures raise OSError; `recv` returns b"" at EOF."""
+    """An ordered byte stream to the broker. Failures raise OSError; `recv` returns b"" at EOF.
+
+    `send` must accept (queue) all of its bytes before its first suspension point and only then wait
+    for back-pressure, so that cancelling a slow `send` never loses or splits a packet.
+    """
 
     async def send(self, data: bytes) -> None: ...
 
@@ -295,9 +301,11 @@ class Uplink:
         if transport is not None and self._session.state is not SessionState.DISCONNECTED:
             self._session.disconnect(reason_code)
             try:
-                await self._flush(transport)
-            except OSError as exc:
-                log.info("uplink %s: DISCONNECT not delivered: %s", self.config.client_id, exc)
+                # Bounded: on a dead link the write (or the lock held by a stuck pump) never completes.
+                async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT_S):
+                    await self._flush(transport)
+            except OSError as exc:  # TimeoutError included
+                log.info("uplink %s: DISCONNECT not delivered: %r", self.config.client_id, exc)
         self._link_down.set()
         if self._running:
             await self._stopped.wait()
@@ -354,9 +362,16 @@ class Uplink:
             if deadline is not None and self._clock() >= deadline:
                 session.handle_deadline(self._clock())
                 self._dispatch_events()
+            # A write stuck on a dead link (full socket buffer) must not hold back the ping timeout:
+            # bound it by the next deadline. Cancelling is safe, `send` has queued all bytes by then.
+            deadline = session.next_deadline()
+            bound = asyncio.timeout(None if deadline is None else max(0.0, deadline - self._clock()))
             try:
-                await self._flush(transport)
+                async with bound:
+                    await self._flush(transport)
             except OSError as exc:
+                if bound.expired():
+                    continue
                 log.warning("uplink %s: send failed: %s", self.config.client_id, exc)
                 session.connection_lost()
                 link_down.set()

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from hil.net import free_port
-from uplink.client import Uplink, UplinkConfig
+from uplink.client import Uplink, UplinkClosed, UplinkConfig
 from uplink.mqtt.codec import Decoder, encode
 from uplink.mqtt.packets import MQTT_5, ConnAck, Connect, Packet, PingReq, PubAck, Publish
 
@@ -173,3 +173,33 @@ async def test_a_refused_connection_is_retried_and_not_counted_as_connected() ->
                     assert (await accepted.get()).index == expected
             assert not uplink.connected
             await uplink.close()
+
+
+async def test_a_link_whose_writes_block_forever_still_times_out_on_the_missing_pingresp() -> None:
+    stop = asyncio.Event()
+
+    async def connack_then_never_read(conn: Conn) -> None:
+        assert isinstance(await conn.read(), Connect)
+        await conn.send(ConnAck())
+        await stop.wait()  # the socket buffers fill up and the client's writes stall
+
+    async with scripted_server(connack_then_never_read) as (port, accepted):
+        uplink = Uplink(config(port, keep_alive_s=1, ping_timeout_s=0.2, max_inflight=8))
+
+        async def publish_big(i: int) -> object:
+            try:
+                return await uplink.publish("fg/big", bytes(2_000_000), qos=1)
+            except UplinkClosed as exc:
+                return exc
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(uplink.run(), name="uplink")
+                publishes = [tg.create_task(publish_big(i), name=f"big-{i}") for i in range(8)]
+                async with asyncio.timeout(STEP_TIMEOUT_S):
+                    await accepted.get()
+                    assert (await accepted.get()).index == 2
+                await uplink.close()
+        finally:
+            stop.set()
+        assert all(isinstance(p.result(), UplinkClosed) for p in publishes)
