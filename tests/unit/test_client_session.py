@@ -542,6 +542,18 @@ def test_malformed_bytes_disconnect_with_malformed_packet() -> None:
     assert broker.read() == [Disconnect(ReasonCode.MALFORMED_PACKET)]
 
 
+def test_acks_that_arrive_intact_before_malformed_bytes_still_complete_their_publishes() -> None:
+    session, broker = connected()
+    packet_id = session.publish("t", b"x", 1)
+    assert packet_id is not None
+    broker.read()
+    session.receive_data(encode(PubAck(packet_id), MQTT_5) + b"\x40\x01\x00", now=1.0)
+    events = drain(session)
+    assert events[0] == PublishAcked(packet_id, 0)
+    assert isinstance(events[1], Disconnected) and events[1].reason_code == ReasonCode.MALFORMED_PACKET
+    assert session.inflight == 0
+
+
 def test_a_packet_before_connack_is_a_protocol_error() -> None:
     session = ClientSession(SessionConfig(client_id="c"))
     broker = Broker(session)

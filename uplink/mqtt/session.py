@@ -354,13 +354,21 @@ class ClientSession:
         self._tick(now)
         if self.state is SessionState.DISCONNECTED or not data:
             return
+        failure: RemoteProtocolError | None = None
         try:
-            for packet in self._decoder.feed(data):
+            packets: Sequence[Packet] = self._decoder.feed(data)
+        except RemoteProtocolError as exc:
+            # Acks that arrived intact before the garbage still settle their publishes (fewer resends).
+            packets, failure = exc.packets_before, exc
+        try:
+            for packet in packets:
                 self._handle(packet)
                 if not self._link_open():
-                    break  # whatever follows belongs to a connection we gave up on
+                    return  # whatever follows belongs to a connection we gave up on
         except RemoteProtocolError as exc:
-            self._violation(exc.reason_code, str(exc))
+            failure = exc
+        if failure is not None:
+            self._violation(failure.reason_code, str(failure))
 
     def data_to_send(self) -> bytes:
         """Bytes the transport must write now (in order); empty when there is nothing."""
