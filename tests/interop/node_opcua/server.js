@@ -9,6 +9,7 @@
 //   Objects/Wellsite/Well01/RunStatus        ns=1;s=Well01.RunStatus        Boolean, true
 //   Objects/Wellsite/Well01/Setpoint         ns=1;s=Well01.Setpoint         Double, writable
 //   Objects/Wellsite/Well01/Faulty           ns=1;s=Well01.Faulty           Double, status BadSensorFailure
+// Everything but Setpoint is read-only.
 "use strict";
 const { OPCUAServer } = require("node-opcua-server");
 const { Variant, DataType } = require("node-opcua-variant");
@@ -43,6 +44,8 @@ async function main() {
         componentOf: well,
         browseName: "TubingPressure",
         nodeId: "s=Well01.TubingPressure",
+        accessLevel: "CurrentRead",
+        userAccessLevel: "CurrentRead",
         dataType: "Double",
         value: new Variant({ dataType: DataType.Double, value: tubing }),
     });
@@ -50,6 +53,8 @@ async function main() {
         componentOf: well,
         browseName: "Temperature",
         nodeId: "s=Well01.Temperature",
+        accessLevel: "CurrentRead",
+        userAccessLevel: "CurrentRead",
         dataType: "Double",
         value: new Variant({ dataType: DataType.Double, value: 42.5 }),
     });
@@ -57,6 +62,8 @@ async function main() {
         componentOf: well,
         browseName: "RunStatus",
         nodeId: "s=Well01.RunStatus",
+        accessLevel: "CurrentRead",
+        userAccessLevel: "CurrentRead",
         dataType: "Boolean",
         value: new Variant({ dataType: DataType.Boolean, value: true }),
     });
@@ -73,6 +80,8 @@ async function main() {
         componentOf: well,
         browseName: "Faulty",
         nodeId: "s=Well01.Faulty",
+        accessLevel: "CurrentRead",
+        userAccessLevel: "CurrentRead",
         dataType: "Double",
         value: new Variant({ dataType: DataType.Double, value: 0.0 }),
     });
