@@ -39,6 +39,16 @@ def tcp_port_owner_pids(port: int) -> set[int]:
     return pids
 
 
+def pid_alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie (an exited child not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def wait_tcp_listening(port: int, pid: int | None = None, timeout_s: float = 10.0,
                        host: str = "127.0.0.1") -> None:
     """Block until host:port accepts connections; with pid, also check that this process owns it."""
@@ -52,6 +62,8 @@ def wait_tcp_listening(port: int, pid: int | None = None, timeout_s: float = 10.
         else:
             if pid is None or pid in tcp_port_owner_pids(port):
                 return
+        if pid is not None and not pid_alive(pid):
+            raise RuntimeError(f"process {pid} exited before listening on {host}:{port}")
         if time.monotonic() > deadline:
             owner = tcp_port_owner_pids(port)
             raise TimeoutError(f"{host}:{port} not listening by pid {pid} after {timeout_s}s (owners: {owner})")
