@@ -56,3 +56,25 @@ class Schedule:
         for j in self._jobs:
             if j.due_s < until_s:
                 j.due_s += j.interval_s * (1 + int((until_s - j.due_s) // j.interval_s))
+
+
+class Backoff:
+    """Quarantine back-off of one device (pure): `quarantine_s` after the first failure, doubling on each
+    further failure up to `max_s`, back to the start after a success."""
+
+    def __init__(self, first_s: float, max_s: float) -> None:
+        if first_s <= 0 or max_s < first_s:
+            raise ValueError("need 0 < first_s <= max_s")
+        self.first_s, self.max_s = first_s, max_s
+        self.current_s = 0.0
+        self.failures = 0
+
+    def failed(self, now_s: float) -> float:
+        """Record a failure at now_s; the monotonic time until which the device is left alone."""
+        self.failures += 1
+        self.current_s = min(self.max_s, self.current_s * 2 if self.current_s else self.first_s)
+        return now_s + self.current_s
+
+    def succeeded(self) -> None:
+        self.current_s = 0.0
+        self.failures = 0

@@ -101,7 +101,8 @@ class _Image:
 
 async def _read_spans(image: _Image, reader: Reader, spans: Sequence[tuple[int, int]], device: ModbusDevice,
                       limits: DeviceLimits) -> None:
-    for start, count, _ in plan_spans(spans, max_count=device.max_registers_per_read, max_gap=device.max_gap,
+    for start, count, _ in plan_spans(spans, max_count=limits.cap("holding", device.max_registers_per_read),
+                                      max_gap=device.max_gap,
                                       forbidden=limits.forbidden.get("holding", ())):
         await image.read(reader, start, count)
 

@@ -1,26 +1,36 @@
-"""The one adapter over pymodbus' async TCP client: reads and writes, errors translated to ModbusError.
+"""The one adapter over pymodbus' async clients (TCP, and RTU over pyserial): errors become ModbusError.
 
-Nothing else in the code base imports pymodbus' client. Every pymodbus failure leaves this module as
-a `ModbusError` whose `kind` says what to do:
-  * "timeout"    - no answer in time: retry, then back off the device;
+Nothing else in the code base imports pymodbus' client. Every failure leaves this module as a
+`ModbusError` whose `kind` says what to do:
+  * "timeout"    - nothing came back in time: retry, then back off the device;
   * "exception"  - the device answered with a Modbus exception `code` (2 = illegal data address:
                    re-plan or mark the point BAD; 6 = busy: retry later);
-  * "connection" - no TCP connection: back off the device;
-  * "frame"      - an answer that does not fit the request: drop the connection and retry.
-Automatic reconnection inside pymodbus is switched off; the driver owns the reconnect policy.
-`requests` counts the requests sent (attempts, including retries) for tests and metrics.
+  * "connection" - no connection / serial port, or it dropped mid-request: back off the device;
+  * "frame"      - bytes came back but no usable answer (CRC error, wrong unit id, short frame,
+                   garbage): retry; on TCP the connection is dropped to resynchronise the stream.
+`ModbusError.reason` is the short text readings carry ("timeout", "crc error", "wrong unit id 7",
+"exception 02 illegal data address", ...).
+
+How timeouts and bad frames are told apart without reading pymodbus' error text: the per-request
+deadline is ours (`asyncio.timeout`), pymodbus' own is set longer and never fires first; pymodbus'
+packet trace hook records every byte received for the current request; when the deadline passes,
+`wire.diagnose_rtu`/`diagnose_mbap` look at those bytes: none is a timeout, anything else says what
+was wrong with it. (pymodbus silently drops frames with a bad CRC or another unit id, so without the
+trace both would look like timeouts.) Automatic reconnection and retries inside pymodbus are off; the
+driver owns both policies. `requests` counts requests sent, retries included.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
 
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException
 
 from drivers.modbus.config import Table
+from drivers.modbus.wire import diagnose_mbap, diagnose_rtu
 
 ErrorKind = Literal["timeout", "exception", "connection", "frame"]
 
@@ -29,37 +39,58 @@ EXCEPTION_NAMES = {
     5: "acknowledge", 6: "device busy", 8: "memory parity error", 10: "gateway path unavailable",
     11: "gateway target failed to respond",
 }
+_READ_FUNCTION = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
+# pymodbus' own response timeout is only a backstop behind ours.
+_BACKSTOP_S = 5.0
 
 
 class ModbusError(Exception):
     """A failed Modbus request; `kind` and `code` (Modbus exception code, if any) say why."""
 
-    def __init__(self, kind: ErrorKind, message: str, code: int | None = None) -> None:
+    def __init__(self, kind: ErrorKind, message: str, code: int | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
         self.code = code
+        self.detail = detail
 
     @property
     def reason(self) -> str:
         """Short text for Reading.reason ("timeout", "exception 02 illegal data address", ...)."""
         if self.kind == "exception" and self.code is not None:
             return f"exception {self.code:02d} {EXCEPTION_NAMES.get(self.code, '')}".rstrip()
-        return self.kind
+        return self.detail or self.kind
 
 
-class ModbusTcpClient:
-    """One TCP connection to one host:port; requests are serialized (one in flight at a time)."""
+class ModbusClient:
+    """One connection (TCP) or one serial line (RTU); requests are serialised, one in flight at a time.
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 1.0) -> None:
-        self.host = host
-        self.port = port
+    Waiters take turns in arrival order (asyncio.Lock is FIFO), which is what makes sharing a bus fair
+    between the devices on it: no device can issue two requests while another one waits.
+    """
+
+    framing: Literal["mbap", "rtu"] = "mbap"
+
+    def __init__(self, label: str, client: Any, *, timeout_s: float) -> None:
+        self.label = label
         self.timeout_s = timeout_s
         self.requests = 0
-        # retries=0: the driver retries; reconnect_delay=0: the driver reconnects.
-        self._client = AsyncModbusTcpClient(host, port=port, timeout=timeout_s, retries=0,
-                                            reconnect_delay=0, name=f"modbus-{host}:{port}")
+        self._client = client
         self._lock = asyncio.Lock()
+        self._rx = b""
+        self._dropped = False
 
+    # pymodbus hooks -------------------------------------------------------------------------------
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            # pymodbus passes its whole receive buffer each time; keep everything this request saw
+            self._rx = data if data.startswith(self._rx) else self._rx + data
+        return data
+
+    def _trace_connect(self, connected: bool) -> None:
+        if not connected:
+            self._dropped = True
+
+    # connection -----------------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
         return bool(self._client.connected)
@@ -68,83 +99,126 @@ class ModbusTcpClient:
         """Open the connection if it is not open; ModbusError("connection") when that fails."""
         if self._client.connected:
             return
-        ok = await self._client.connect()
+        try:
+            ok = await self._client.connect()
+        except (OSError, ModbusException) as exc:  # pyserial raises SerialException (an OSError)
+            raise ModbusError("connection", f"cannot open {self.label}: {exc}") from exc
         if not ok:
-            raise ModbusError("connection", f"cannot connect to {self.host}:{self.port}")
+            raise ModbusError("connection", f"cannot connect to {self.label}")
 
     def close(self) -> None:
         self._client.close()
 
-    async def read(self, table: Table, start: int, count: int, *, unit_id: int) -> list[int] | list[bool]:
+    # requests -------------------------------------------------------------------------------------
+    async def read(self, table: Table, start: int, count: int, *, unit_id: int,
+                   timeout_s: float | None = None) -> list[int] | list[bool]:
         """`count` registers (ints) or bits (bools) from PDU address `start`."""
-        async with self._lock:
-            await self.connect()
-            self.requests += 1
-            c = self._client
-            try:
-                if table == "holding":
-                    rr = await c.read_holding_registers(start, count=count, device_id=unit_id)
-                elif table == "input":
-                    rr = await c.read_input_registers(start, count=count, device_id=unit_id)
-                elif table == "coil":
-                    rr = await c.read_coils(start, count=count, device_id=unit_id)
-                else:
-                    rr = await c.read_discrete_inputs(start, count=count, device_id=unit_id)
-            except ModbusException as exc:
-                raise self._translate(exc) from exc
-            self._check(rr)
-            if table in ("holding", "input"):
-                words = list(rr.registers)
-                if len(words) != count:
-                    raise ModbusError("frame", f"asked {count} registers at {start}, got {len(words)}")
-                return words
-            # bit responses are padded to whole bytes
-            bits = list(rr.bits)[:count]
-            if len(bits) != count:
-                raise ModbusError("frame", f"asked {count} bits at {start}, got {len(bits)}")
-            return bits
+        c = self._client
+        calls: dict[str, Callable[..., Awaitable[Any]]] = {
+            "holding": c.read_holding_registers, "input": c.read_input_registers,
+            "coil": c.read_coils, "discrete_input": c.read_discrete_inputs}
+        rr = await self._request(_READ_FUNCTION[table], unit_id, timeout_s,
+                                 lambda: calls[table](start, count=count, device_id=unit_id))
+        if table in ("holding", "input"):
+            words = list(rr.registers)
+            if len(words) != count:
+                self._resync()
+                raise ModbusError("frame", f"{self.label}: asked {count} registers at {start}, got {len(words)}",
+                                  detail=f"wrong length {len(words)}")
+            return words
+        bits = list(rr.bits)[:count]  # bit responses are padded to whole bytes
+        if len(bits) != count:
+            self._resync()
+            raise ModbusError("frame", f"{self.label}: asked {count} bits at {start}, got {len(bits)}",
+                              detail=f"wrong length {len(bits)}")
+        return bits
 
-    async def write_registers(self, start: int, values: Sequence[int], *, unit_id: int) -> None:
+    async def write_registers(self, start: int, values: Sequence[int], *, unit_id: int,
+                              timeout_s: float | None = None) -> None:
         """Function 16 (write multiple registers); function 06 for a single register."""
+        words = [int(v) for v in values]
+        if len(words) == 1:
+            await self._request(6, unit_id, timeout_s,
+                                lambda: self._client.write_register(start, words[0], device_id=unit_id))
+        else:
+            await self._request(16, unit_id, timeout_s,
+                                lambda: self._client.write_registers(start, words, device_id=unit_id))
+
+    async def write_coil(self, address: int, value: bool, *, unit_id: int, timeout_s: float | None = None) -> None:
+        """Function 05 (write single coil)."""
+        await self._request(5, unit_id, timeout_s,
+                            lambda: self._client.write_coil(address, bool(value), device_id=unit_id))
+
+    async def write_coils(self, address: int, values: Sequence[bool], *, unit_id: int,
+                          timeout_s: float | None = None) -> None:
+        """Function 15 (write multiple coils)."""
+        bits = [bool(v) for v in values]
+        await self._request(15, unit_id, timeout_s,
+                            lambda: self._client.write_coils(address, bits, device_id=unit_id))
+
+    async def _request(self, function: int, unit_id: int, timeout_s: float | None,
+                       call: Callable[[], Awaitable[Any]]) -> Any:
         async with self._lock:
             await self.connect()
             self.requests += 1
+            self._rx, self._dropped = b"", False
             try:
-                if len(values) == 1:
-                    rr = await self._client.write_register(start, int(values[0]), device_id=unit_id)
-                else:
-                    words = [int(v) for v in values]
-                    rr = await self._client.write_registers(start, words, device_id=unit_id)
-            except ModbusException as exc:
-                raise self._translate(exc) from exc
-            self._check(rr)
+                async with asyncio.timeout(timeout_s or self.timeout_s):
+                    rr = await call()
+            except TimeoutError:
+                raise self._no_answer(unit_id, function) from None
+            except ConnectionException as exc:
+                raise ModbusError("connection", f"{self.label}: {exc}") from exc
+            except ModbusException as exc:  # pymodbus gave up on its own (backstop timeout or a bad frame)
+                raise self._no_answer(unit_id, function) from exc
+            if self._dropped:
+                raise ModbusError("connection", f"{self.label}: connection lost", detail="disconnected")
+            is_error = getattr(rr, "isError", None)
+            if callable(is_error) and is_error():
+                code = int(getattr(rr, "exception_code", 0) or 0)
+                raise ModbusError("exception", f"{self.label}: exception {code}", code=code)
+            return rr
 
-    async def write_coil(self, address: int, value: bool, *, unit_id: int) -> None:
-        async with self._lock:
-            await self.connect()
-            self.requests += 1
-            try:
-                rr = await self._client.write_coil(address, value, device_id=unit_id)
-            except ModbusException as exc:
-                raise self._translate(exc) from exc
-            self._check(rr)
+    def _no_answer(self, unit_id: int, function: int) -> ModbusError:
+        if self._dropped:
+            return ModbusError("connection", f"{self.label}: connection lost", detail="disconnected")
+        rx = self._rx
+        why = diagnose_rtu(rx, unit_id, function) if self.framing == "rtu" else diagnose_mbap(rx, unit_id)
+        if why == "timeout":
+            return ModbusError("timeout", f"{self.label}: no response")
+        self._resync()
+        return ModbusError("frame", f"{self.label}: {why} ({rx[:16].hex()})", detail=why)
 
-    def _check(self, rr: object) -> None:
-        is_error = getattr(rr, "isError", None)
-        if callable(is_error) and is_error():
-            code = int(getattr(rr, "exception_code", 0) or 0)
-            raise ModbusError("exception", f"{self.host}:{self.port}: exception {code}", code=code)
-
-    def _translate(self, exc: ModbusException) -> ModbusError:
-        where = f"{self.host}:{self.port}"
-        if isinstance(exc, ConnectionException):
-            return ModbusError("connection", f"{where}: {exc}")
-        if isinstance(exc, ModbusIOException):
-            # pymodbus reports a missing answer and a mismatched one with the same class; only the
-            # text tells them apart. A mismatch leaves the stream unsynchronised: drop the connection.
-            if "No response" in str(exc):
-                return ModbusError("timeout", f"{where}: no response within {self.timeout_s}s")
+    def _resync(self) -> None:
+        # A TCP stream that carried a bad answer may carry its tail into the next one: start over.
+        # A serial line resynchronises by itself (pymodbus clears its buffer before each request).
+        if self.framing == "mbap":
             self._client.close()
-            return ModbusError("frame", f"{where}: {exc}")
-        self._client.close()
-        return ModbusError("frame", f"{where}: {exc}")
+
+
+class ModbusTcpClient(ModbusClient):
+    """Modbus/TCP to host:port."""
+
+    framing = "mbap"
+
+    def __init__(self, host: str, port: int, *, timeout_s: float = 1.0) -> None:
+        self.host, self.port = host, port
+        client = AsyncModbusTcpClient(host, port=port, timeout=timeout_s + _BACKSTOP_S, retries=0,
+                                      reconnect_delay=0, name=f"modbus-{host}:{port}",
+                                      trace_packet=self._trace_packet, trace_connect=self._trace_connect)
+        super().__init__(f"{host}:{port}", client, timeout_s=timeout_s)
+
+
+class ModbusRtuClient(ModbusClient):
+    """Modbus RTU on a serial port (pyserial, through pymodbus' serial transport)."""
+
+    framing = "rtu"
+
+    def __init__(self, serial_port: str, *, baudrate: int = 19200, parity: str = "E", stopbits: int = 1,
+                 bytesize: int = 8, timeout_s: float = 1.0) -> None:
+        self.serial_port = serial_port
+        client = AsyncModbusSerialClient(serial_port, baudrate=baudrate, parity=parity, stopbits=stopbits,
+                                         bytesize=bytesize, timeout=timeout_s + _BACKSTOP_S, retries=0,
+                                         reconnect_delay=0, name=f"modbus-{serial_port}",
+                                         trace_packet=self._trace_packet, trace_connect=self._trace_connect)
+        super().__init__(serial_port, client, timeout_s=timeout_s)

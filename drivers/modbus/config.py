@@ -197,12 +197,29 @@ class CardSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return out
 
 
+Transport = Literal["tcp", "rtu"]
+Parity = Literal["N", "E", "O"]
+
+
 class ModbusDevice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One Modbus TCP slave (host, port, unit id) with its points and optional card."""
+    """One Modbus slave with its points and optional card.
+
+    `transport = "tcp"` (default): Modbus/TCP at host:port; devices behind one host:port (a gateway
+    serving many unit ids) share one connection. `transport = "rtu"`: Modbus RTU on the serial line
+    `serial_port` at baudrate/parity/stopbits/bytesize; devices on one serial port are one bus and must
+    agree on those settings. Either way one request is in flight per connection or bus at a time.
+    The serial default is 19200 8E1, the Modbus serial line specification's default (v1.02 §2.5.1).
+    """
 
     name: str
-    host: str
+    transport: Transport = "tcp"
+    host: str = ""
     port: int = 502
+    serial_port: str = ""
+    baudrate: int = 19200
+    parity: Parity = "E"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
     unit_id: int = 1
     timeout_s: float = 1.0
     retries: int = 1  # extra attempts per request after a timeout
@@ -219,10 +236,21 @@ class ModbusDevice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("name must not be empty")
-        if not 1 <= self.port <= 65535:
-            raise ValueError("port must be in 1..65535")
-        if not 0 <= self.unit_id <= 255:
-            raise ValueError("unit_id must be in 0..255")
+        if self.transport == "tcp":
+            if not self.host:
+                raise ValueError("host must be set for transport tcp")
+            if not 1 <= self.port <= 65535:
+                raise ValueError("port must be in 1..65535")
+            if not 0 <= self.unit_id <= 255:
+                raise ValueError("unit_id must be in 0..255")
+        else:
+            if not self.serial_port:
+                raise ValueError("serial_port must be set for transport rtu")
+            if self.baudrate <= 0:
+                raise ValueError("baudrate must be > 0")
+            # 0 is broadcast (no answer) and 248..255 are reserved (serial line v1.02 §2.2)
+            if not 1 <= self.unit_id <= 247:
+                raise ValueError("unit_id must be in 1..247 for transport rtu")
         if self.timeout_s <= 0 or self.poll_interval_s <= 0:
             raise ValueError("timeout_s and poll_interval_s must be > 0")
         if self.retries < 0:
@@ -252,6 +280,16 @@ class ModbusDevice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         group_names = [g.name for g in self.groups]
         if len(set(group_names)) != len(group_names):
             raise ValueError("duplicate group names")
+
+    def bus_key(self) -> tuple[str, str, int]:
+        """Devices with the same key share one connection (TCP) or one serial line (RTU)."""
+        if self.transport == "rtu":
+            return ("rtu", self.serial_port, 0)
+        return ("tcp", self.host, self.port)
+
+    def line_settings(self) -> tuple[int, str, int, int]:
+        """(baudrate, parity, stopbits, bytesize): what every device on one serial bus must agree on."""
+        return (self.baudrate, self.parity, self.stopbits, self.bytesize)
 
     def interval_of(self, group: str) -> float:
         """Poll interval of a group in seconds."""

@@ -1,33 +1,44 @@
-"""Modbus TCP driver: polls groups and captures cards per device on schedule, quarantines failing devices.
+"""Modbus TCP/RTU driver: polls groups and captures cards per device on schedule, quarantines failing devices.
 
 Theory of operation. Every device gets one task (named `modbus-<device>`) in the driver's TaskGroup.
 The task keeps a `Schedule` of its poll groups plus its card, sleeps until the next deadline
-(monotonic seconds), and runs the due jobs. Devices that share host:port share one connection, and the
-connection serialises requests, so there is one request in flight per connection at any time.
+(monotonic seconds), and runs the due jobs. Devices on one bus - the same TCP host:port (a gateway
+serving many unit ids) or the same serial port - share one client, and the client serialises requests
+in arrival order, so there is one request in flight per bus and the devices on it take turns request
+by request (a card of 11 requests never locks out the other units for its whole duration).
 
-Failure policy per request: a timeout is retried `device.retries` times; an exception 02 on a
-multi-point block teaches the planner a device limit (see planner.learn_illegal_address) and the
-block's points are re-read with the new plan; an exception on a one-point block marks that point BAD.
-A timeout after retries, or a lost connection, fails the device: all its points are emitted BAD with
-the reason, the connection is dropped, and the device is quarantined (no requests) for a back-off
-that doubles from `quarantine_s` to `quarantine_max_s` and resets on the next success. One device's
-failure never blocks another device's task.
+Failure policy per request: a timeout or an unusable answer (CRC error, wrong unit id, short frame) is
+retried `device.retries` times; an exception 02 on a multi-point block teaches the planner a device
+limit (planner.learn_illegal_address), an exception 03 or a short answer teaches a smaller request
+size (planner.learn_max_count), and the block's points are re-read with the new plan; other
+exceptions mark the block's points BAD with the reason. A request still failing after retries, or a
+lost connection, fails the device: its points are emitted BAD with the reason, a TCP connection is
+dropped (a serial line stays open for the other units), and the device is quarantined (no requests)
+with a back-off that doubles from `quarantine_s` to `quarantine_max_s` and resets on success. A dead
+unit therefore costs the bus `timeout_s * (retries + 1)` once per back-off, never once per poll.
+
+An unexpected error inside one device's job (a bug, a decoder surprise) is logged with its traceback,
+reported as BAD readings with reason "internal error: <type>", and quarantines that device like a
+failure; it never reaches the TaskGroup, so the other devices keep running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from drivers.base import CardReading, Emit, Quality, Reading, Value
 from drivers.modbus.card import capture_card
-from drivers.modbus.client import ModbusError, ModbusTcpClient
-from drivers.modbus.config import ModbusDevice, ModbusPoint, Table
+from drivers.modbus.client import ModbusClient, ModbusError, ModbusRtuClient, ModbusTcpClient
+from drivers.modbus.config import ModbusDevice, ModbusPoint, Table, modicon_to_pdu
 from drivers.modbus.decode import decode, encode
-from drivers.modbus.planner import DeviceLimits, ReadBlock, learn_illegal_address, plan_reads
-from drivers.scheduling import Schedule
+from drivers.modbus.planner import DeviceLimits, ReadBlock, learn_illegal_address, learn_max_count, plan_reads
+from drivers.scheduling import Backoff, Schedule
+
+log = logging.getLogger(__name__)
 
 CARD_JOB = "__card__"
 
@@ -43,13 +54,14 @@ class DeviceFailed(Exception):
 @dataclass(slots=True)
 class _DeviceState:
     device: ModbusDevice
-    client: ModbusTcpClient
+    client: ModbusClient
+    backoff: Backoff
     limits: DeviceLimits = field(default_factory=DeviceLimits)
     plans: dict[str, tuple[ReadBlock, ...]] = field(default_factory=dict)
-    backoff_s: float = 0.0
     last_card_at_ns: int | None = None
     status: Quality = Quality.UNCERTAIN
     reason: str | None = "not polled yet"
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def groups(self) -> dict[str, list[ModbusPoint]]:
         out: dict[str, list[ModbusPoint]] = {}
@@ -57,30 +69,43 @@ class _DeviceState:
             out.setdefault(p.group, []).append(p)
         return out
 
-    def replan(self) -> None:
+    def plan(self, points: Sequence[ModbusPoint]) -> tuple[ReadBlock, ...]:
         d = self.device
-        self.plans = {
-            g: plan_reads(pts, max_registers=d.max_registers_per_read, max_bits=d.max_bits_per_read,
+        return plan_reads(points, max_registers=d.max_registers_per_read, max_bits=d.max_bits_per_read,
                           max_gap=d.max_gap, limits=self.limits)
-            for g, pts in self.groups().items()
-        }
+
+    def replan(self) -> None:
+        self.plans = {g: self.plan(pts) for g, pts in self.groups().items()}
+
+
+def _client_for(d: ModbusDevice) -> ModbusClient:
+    if d.transport == "rtu":
+        return ModbusRtuClient(d.serial_port, baudrate=d.baudrate, parity=d.parity, stopbits=d.stopbits,
+                               bytesize=d.bytesize, timeout_s=d.timeout_s)
+    return ModbusTcpClient(d.host, d.port, timeout_s=d.timeout_s)
 
 
 class _Session:
-    """Clients per host:port and device state, shared by the driver and poll_once."""
+    """Clients per bus and device state, shared by the driver and poll_once."""
 
     def __init__(self, devices: Sequence[ModbusDevice], clock_ns: Callable[[], int]) -> None:
         names = [d.name for d in devices]
         if len(set(names)) != len(names):
             raise ValueError("device names must be unique")
         self.clock_ns = clock_ns
-        self.clients: dict[tuple[str, int], ModbusTcpClient] = {}
+        self.clients: dict[tuple[str, str, int], ModbusClient] = {}
         self.states: dict[str, _DeviceState] = {}
+        first_on_bus: dict[tuple[str, str, int], ModbusDevice] = {}
         for d in devices:
-            key = (d.host, d.port)
+            key = d.bus_key()
+            other = first_on_bus.setdefault(key, d)
+            if d.transport == "rtu" and other.line_settings() != d.line_settings():
+                raise ValueError(f"devices {other.name} and {d.name} share {d.serial_port} but not its "
+                                 f"line settings (baudrate, parity, stopbits, bytesize)")
             if key not in self.clients:
-                self.clients[key] = ModbusTcpClient(d.host, d.port, timeout_s=d.timeout_s)
-            st = _DeviceState(device=d, client=self.clients[key])
+                self.clients[key] = _client_for(d)
+            st = _DeviceState(device=d, client=self.clients[key],
+                              backoff=Backoff(d.quarantine_s, d.quarantine_max_s))
             st.replan()
             self.states[d.name] = st
 
@@ -93,52 +118,89 @@ class _Session:
         d = st.device
         for attempt in range(d.retries + 1):
             try:
-                return await st.client.read(table, start, count, unit_id=d.unit_id)
+                return await st.client.read(table, start, count, unit_id=d.unit_id, timeout_s=d.timeout_s)
             except ModbusError as exc:
-                if exc.kind == "exception":
-                    raise
-                if exc.kind == "timeout" and attempt < d.retries:
+                if exc.kind == "exception" or (exc.kind == "frame" and exc.detail and
+                                               exc.detail.startswith("wrong length")):
+                    raise  # the device answered: retrying the same request gets the same answer
+                if exc.kind in ("timeout", "frame") and attempt < d.retries:
                     continue
-                st.client.close()  # resynchronise: a late answer must not be taken for the next one
+                if d.transport == "tcp" or exc.kind == "connection":
+                    st.client.close()  # resynchronise: a late answer must not be taken for the next one
                 raise DeviceFailed(exc.reason) from exc
         raise AssertionError("unreachable")
 
     async def read_points(self, st: _DeviceState, blocks: Sequence[ReadBlock]) -> list[Reading]:
-        """Readings for every point of the blocks; learns device limits on exception 02."""
+        """Readings for every point of the blocks; learns device limits on exception 02/03 or short answers."""
         out: list[Reading] = []
         pending = list(blocks)
+        device_name = st.device.name
         while pending:
             block = pending.pop(0)
             try:
                 words = await self.read(st, block.table, block.start, block.count)
             except ModbusError as exc:
-                learned = learn_illegal_address(block, st.limits) if exc.code == 2 else None
+                learned = self._learn(st, block, exc)
                 if learned is not None:
                     st.limits = learned
                     st.replan()
-                    d = st.device
-                    pending[:0] = plan_reads(block.points, max_registers=d.max_registers_per_read,
-                                             max_bits=d.max_bits_per_read, max_gap=d.max_gap, limits=learned)
+                    pending[:0] = st.plan(block.points)
                     continue
                 now = self.clock_ns()
-                out += [Reading(st.device.name, p.name, None, Quality.BAD, now, reason=exc.reason)
+                out += [Reading(device_name, p.name, None, Quality.BAD, now, reason=exc.reason)
                         for p in block.points]
                 continue
             now = self.clock_ns()
+            base = block.start
             for p in block.points:
-                out.append(_decoded(st.device.name, p, words[block.slice_of(p)], now))
+                start = p.location()[1] - base
+                out.append(_decoded(device_name, p, words[start:start + p.register_count()], now))
         return out
+
+    @staticmethod
+    def _learn(st: _DeviceState, block: ReadBlock, exc: ModbusError) -> DeviceLimits | None:
+        if exc.code == 2:
+            return learn_illegal_address(block, st.limits)
+        if exc.code == 3 and len(block.points) > 1:
+            return learn_max_count(block, st.limits)
+        if exc.kind == "frame" and exc.detail and exc.detail.startswith("wrong length"):
+            returned = int(exc.detail.rsplit(" ", 1)[1])
+            return learn_max_count(block, st.limits, returned)
+        return None
 
     async def capture(self, st: _DeviceState) -> CardReading | None:
         async def reader(table: Table, start: int, count: int) -> list[int]:
             return [int(w) for w in await self.read(st, table, start, count)]
 
-        try:
-            return await capture_card(reader, st.device, clock_ns=self.clock_ns, limits=st.limits)
-        except ModbusError as exc:  # the device answered, but refused part of the card
-            return CardReading(device=st.device.name, acquired_at_ns=0, n_points=0, position_m=(), load_kn=(),
-                               current_a=None, power_kw=None, quality=Quality.BAD, ts_ns=self.clock_ns(),
-                               reason=f"card: {exc.reason}")
+        for attempt in (1, 2):
+            try:
+                return await capture_card(reader, st.device, clock_ns=self.clock_ns, limits=st.limits)
+            except ModbusError as exc:  # the device answered, but refused part of the card
+                if attempt == 1 and exc.kind in ("exception", "frame") and await self._learn_card_layout(st):
+                    continue
+                return CardReading(device=st.device.name, acquired_at_ns=0, n_points=0, position_m=(),
+                                   load_kn=(), current_a=None, power_kw=None, quality=Quality.BAD,
+                                   ts_ns=self.clock_ns(), reason=f"card: {exc.reason}")
+        raise AssertionError("unreachable")
+
+    async def _learn_card_layout(self, st: _DeviceState) -> bool:
+        """Read the card's registers as points once, so the planner learns what the device refuses.
+
+        Called after a card read was refused; True when the limits changed (capture again)."""
+        spec = st.device.card
+        assert spec is not None
+        before = st.limits
+
+        def reg(name: str, address: int, **kw: object) -> ModbusPoint:
+            return ModbusPoint(name=name, table="holding", pdu_address=modicon_to_pdu(address)[1], **kw)  # type: ignore[arg-type]
+
+        points = [reg("__time", spec.acquisition_time_register, type="string", length=6),
+                  reg("__n", spec.n_points_register)]
+        points += [st.device.point(n) for n in spec.scalars]
+        for curve, (start, _) in spec.curves().items():
+            points += [reg(f"__{curve}{k}", start + k) for k in range(spec.max_points)]
+        await self.read_points(st, st.plan(points))
+        return st.limits != before
 
     def failed(self, st: _DeviceState, reason: str) -> list[Reading]:
         st.status, st.reason = Quality.BAD, reason
@@ -155,21 +217,30 @@ def _decoded(device: str, p: ModbusPoint, words: Sequence[int] | Sequence[bool],
     return Reading(device, p.name, value, Quality.GOOD, now_ns)
 
 
-class ModbusTcpDriver:
-    """Acquires every configured device until cancelled; see the module docstring for the policy."""
+class ModbusDriver:
+    """Acquires every configured device until cancelled; see the module docstring for the policy.
+
+    `monotonic` and `sleep` are the time seam: tests pass a fake clock whose sleep advances it.
+    """
 
     name = "modbus"
 
     def __init__(self, devices: Sequence[ModbusDevice], *, clock_ns: Callable[[], int] = time.time_ns,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.devices = tuple(devices)
         self._clock_ns = clock_ns
         self._monotonic = monotonic
+        self._sleep = sleep
         self._session = _Session(self.devices, clock_ns)
 
     def status(self) -> dict[str, tuple[Quality, str | None]]:
         """Device name -> (quality, reason) as of the last job."""
         return {n: (st.status, st.reason) for n, st in self._session.states.items()}
+
+    def limits(self, device: str) -> DeviceLimits:
+        """What the driver has learned about a device's addressing so far."""
+        return self._session.states[device].limits
 
     def requests_sent(self) -> int:
         return sum(c.requests for c in self._session.clients.values())
@@ -193,18 +264,27 @@ class ModbusTcpDriver:
         while True:
             delay = schedule.next_deadline() - self._monotonic()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
             for key in schedule.pop_due(self._monotonic()):
-                try:
-                    await self._run_job(st, key, emit)
-                except DeviceFailed as exc:
-                    for r in self._session.failed(st, exc.reason):
+                reason = await self._guarded_job(st, key, emit)
+                if reason is not None:
+                    for r in self._session.failed(st, reason):
                         emit(r)
-                    doubled = st.backoff_s * 2 if st.backoff_s else d.quarantine_s
-                    st.backoff_s = min(d.quarantine_max_s, doubled)
-                    schedule.postpone_all(self._monotonic() + st.backoff_s)
+                    schedule.postpone_all(st.backoff.failed(self._monotonic()))
                     break
-                st.backoff_s = 0.0
+                st.backoff.succeeded()
+
+    async def _guarded_job(self, st: _DeviceState, key: str, emit: Emit) -> str | None:
+        """Run one job; the failure reason when the device must be quarantined, else None."""
+        try:
+            await self._run_job(st, key, emit)
+        except DeviceFailed as exc:
+            return exc.reason
+        except Exception as exc:  # noqa: BLE001 - supervisor boundary: contain one device's bug, loudly
+            log.exception("modbus: device %s job %s failed unexpectedly; quarantining it", st.device.name, key)
+            st.client.close()
+            return f"internal error: {type(exc).__name__}"
+        return None
 
     async def _run_job(self, st: _DeviceState, key: str, emit: Emit) -> None:
         if key == CARD_JOB:
@@ -234,40 +314,54 @@ class ModbusTcpDriver:
         return hits[0]
 
     async def write(self, point: str, value: Value) -> Reading:
-        """Write a writable point and confirm by reading it back (GOOD if equal within one scale step)."""
+        """Write a writable point and confirm by reading it back (GOOD if equal within one scale step).
+
+        Coils use function 05; registers 06 (one word) or 16 (several); a `bits` point is a
+        read-modify-write of its register, under a per-device lock so two bit writes cannot undo
+        each other. A refused or failed write gives a BAD reading with the reason; a read-back that
+        differs gives UNCERTAIN with both values in the reason.
+        """
         st, p = self._resolve(point)
         if not p.writable:
             raise PermissionError(f"{st.device.name}/{p.name} is not writable")
         table, start = p.location()
-        unit = st.device.unit_id
+        if table not in ("coil", "holding"):
+            raise PermissionError(f"{table} is read-only in Modbus")
+        unit, timeout_s = st.device.unit_id, st.device.timeout_s
         try:
-            if table == "coil":
-                await st.client.write_coil(start, bool(value), unit_id=unit)
-            elif table == "holding":
-                words = encode(p, value)
-                if p.type == "bits":
-                    # read-modify-write: the other 15 bits of the register must survive
-                    (current,) = await st.client.read("holding", start, 1, unit_id=unit)
-                    assert p.bit is not None
-                    words = [(int(current) & ~(1 << p.bit)) | words[0]]
-                await st.client.write_registers(start, words, unit_id=unit)
-            else:
-                raise PermissionError(f"{table} is read-only in Modbus")
-            (back,) = await self._session.read_points(st, plan_reads([p]))
-        except ModbusError as exc:
-            return Reading(st.device.name, p.name, None, Quality.BAD, self._clock_ns(), reason=exc.reason)
-        except DeviceFailed as exc:
+            async with st.write_lock:
+                if table == "coil":
+                    await st.client.write_coil(start, bool(value), unit_id=unit, timeout_s=timeout_s)
+                else:
+                    words = encode(p, value)
+                    if p.type == "bits":
+                        # read-modify-write: the other 15 bits of the register must survive
+                        (current,) = await self._session.read(st, "holding", start, 1)
+                        assert p.bit is not None
+                        words = [(int(current) & ~(1 << p.bit)) | words[0]]
+                    await st.client.write_registers(start, words, unit_id=unit, timeout_s=timeout_s)
+                (back,) = await self._session.read_points(st, plan_reads([p]))
+        except (ModbusError, DeviceFailed) as exc:
             return Reading(st.device.name, p.name, None, Quality.BAD, self._clock_ns(), reason=exc.reason)
         if back.quality == Quality.GOOD and not _same(p, back.value, value):
             return Reading(back.device, back.point, back.value, Quality.UNCERTAIN, back.ts_ns,
                            reason=f"read-back {back.value!r} != written {value!r}")
         return back
 
+    def close(self) -> None:
+        """Close every connection and serial port (run() does this itself when it ends)."""
+        self._session.close()
+
+
+ModbusTcpDriver = ModbusDriver  # the name the agent has used since TCP was the only transport
+
 
 def _same(p: ModbusPoint, got: Value, wanted: Value) -> bool:
     if isinstance(got, (int, float)) and isinstance(wanted, (int, float)) and not isinstance(got, bool):
         step = abs(p.scale) if p.type not in ("f32", "f64") else 1e-6 * max(1.0, abs(float(wanted)))
         return abs(float(got) - float(wanted)) <= step
+    if isinstance(got, bool) and isinstance(wanted, (bool, int)):
+        return got == bool(wanted)
     return got == wanted
 
 
@@ -280,7 +374,7 @@ async def poll_once(devices: Sequence[ModbusDevice], *, clock_ns: Callable[[], i
     async def one(st: _DeviceState) -> None:
         out: list[Reading | CardReading] = []
         try:
-            for blocks in st.plans.values():
+            for blocks in list(st.plans.values()):
                 out += await session.read_points(st, blocks)
             if st.device.card is not None:
                 card = await session.capture(st)

@@ -17,6 +17,11 @@ failure into a `DeviceLimits` fact (gap registers are forbidden; a gap-free bloc
 middle) so the next `plan_reads` avoids it. Repeated learning converges: every step removes a gap or
 halves a block, and a one-point block that still fails is the point's own fault (the caller reports
 that point BAD instead of learning).
+
+A device may also accept fewer registers per request than the protocol's 125: it answers exception
+03 (illegal data value: the quantity is out of its range) or simply returns fewer registers than
+asked. `learn_max_count` turns that into a per-table cap (what it returned, else half the block), so
+later plans stay under it.
 """
 
 from __future__ import annotations
@@ -73,11 +78,20 @@ class DeviceLimits:
     block may not read as gap registers; a range with lo == hi is a wall a block may not straddle."""
 
     forbidden: dict[Table, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    max_count: dict[Table, int] = field(default_factory=dict)  # learned per-request caps
+
+    def cap(self, table: Table, default: int) -> int:
+        return min(default, self.max_count.get(table, default))
+
+    def with_max_count(self, table: Table, count: int) -> DeviceLimits:
+        caps = dict(self.max_count)
+        caps[table] = min(count, caps.get(table, count))
+        return DeviceLimits(self.forbidden, caps)
 
     def with_forbidden(self, table: Table, ranges: Iterable[tuple[int, int]]) -> DeviceLimits:
         merged = dict(self.forbidden)
         merged[table] = tuple(sorted(set(merged.get(table, ())) | set(ranges)))
-        return DeviceLimits(merged)
+        return DeviceLimits(merged, self.max_count)
 
 
 def _conflicts(lo: int, hi: int, gap_lo: int, gap_hi: int) -> bool:
@@ -178,7 +192,7 @@ def plan_reads(
         spans = [(p.location()[1], p.register_count()) for p in pts]
         for start, count, idx in plan_spans(
             spans,
-            max_count=max_bits if bits else max_registers,
+            max_count=limits.cap(table, max_bits if bits else max_registers),
             max_gap=max_gap * 16 if bits else max_gap,
             forbidden=limits.forbidden.get(table, ()),
         ):
@@ -200,3 +214,17 @@ def learn_illegal_address(block: ReadBlock, limits: DeviceLimits) -> DeviceLimit
         return None
     wall = starts[len(starts) // 2]
     return limits.with_forbidden(block.table, [(wall, wall)])
+
+
+def learn_max_count(block: ReadBlock, limits: DeviceLimits, returned: int | None = None) -> DeviceLimits | None:
+    """Limits capping requests of the block's table below `block.count`, after the device refused the
+    quantity (exception 03) or returned only `returned` of the units asked.
+
+    None when no smaller request can cover the block's longest point (nothing left to learn).
+    """
+    longest = max(p.register_count() for p in block.points)
+    cap = returned if returned is not None and 0 < returned < block.count else block.count // 2
+    cap = max(cap, longest)
+    if cap >= block.count:
+        return None
+    return limits.with_max_count(block.table, cap)
