@@ -34,7 +34,7 @@ async def test_an_absent_port_is_reported_bad_once_and_retried_without_stalling_
     assert driver.stats("missing").open_failures >= 5
     assert driver.stats("also-missing").open_failures >= 5
     # One BAD status per port for the whole series of failed opens, not one per retry.
-    assert sorted((r.device, r.point, r.quality) for r in got) == [
+    assert sorted((r.device, r.point, r.quality) for r in got if isinstance(r, Reading)) == [
         ("also-missing", "link", Quality.BAD), ("missing", "link", Quality.BAD)]
     assert all(isinstance(r, Reading) and r.reason and "cannot open" in r.reason for r in got)
 
