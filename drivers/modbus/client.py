@@ -47,7 +47,8 @@ _BACKSTOP_S = 5.0
 class ModbusError(Exception):
     """A failed Modbus request; `kind` and `code` (Modbus exception code, if any) say why."""
 
-    def __init__(self, kind: ErrorKind, message: str, code: int | None = None, detail: str | None = None) -> None:
+    def __init__(self, kind: ErrorKind, message: str, code: int | None = None,
+                 detail: str | None = None) -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
         self.code = code
@@ -123,7 +124,7 @@ class ModbusClient:
             words = list(rr.registers)
             if len(words) != count:
                 self._resync()
-                raise ModbusError("frame", f"{self.label}: asked {count} registers at {start}, got {len(words)}",
+                raise ModbusError("frame", f"{self.label}: asked {count} registers, got {len(words)}",
                                   detail=f"wrong length {len(words)}")
             return words
         bits = list(rr.bits)[:count]  # bit responses are padded to whole bytes
@@ -144,7 +145,8 @@ class ModbusClient:
             await self._request(16, unit_id, timeout_s,
                                 lambda: self._client.write_registers(start, words, device_id=unit_id))
 
-    async def write_coil(self, address: int, value: bool, *, unit_id: int, timeout_s: float | None = None) -> None:
+    async def write_coil(self, address: int, value: bool, *, unit_id: int,
+                         timeout_s: float | None = None) -> None:
         """Function 05 (write single coil)."""
         await self._request(5, unit_id, timeout_s,
                             lambda: self._client.write_coil(address, bool(value), device_id=unit_id))

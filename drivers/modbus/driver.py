@@ -131,7 +131,7 @@ class _Session:
         raise AssertionError("unreachable")
 
     async def read_points(self, st: _DeviceState, blocks: Sequence[ReadBlock]) -> list[Reading]:
-        """Readings for every point of the blocks; learns device limits on exception 02/03 or short answers."""
+        """Readings for every point of the blocks; learns limits on exception 02/03 or short answers."""
         out: list[Reading] = []
         pending = list(blocks)
         device_name = st.device.name
@@ -280,8 +280,9 @@ class ModbusDriver:
             await self._run_job(st, key, emit)
         except DeviceFailed as exc:
             return exc.reason
-        except Exception as exc:  # noqa: BLE001 - supervisor boundary: contain one device's bug, loudly
-            log.exception("modbus: device %s job %s failed unexpectedly; quarantining it", st.device.name, key)
+        except Exception as exc:  # supervisor boundary: contain one device's bug, loudly
+            log.exception("modbus: device %s job %s failed unexpectedly; quarantining it",
+                          st.device.name, key)
             st.client.close()
             return f"internal error: {type(exc).__name__}"
         return None

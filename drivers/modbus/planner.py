@@ -216,7 +216,8 @@ def learn_illegal_address(block: ReadBlock, limits: DeviceLimits) -> DeviceLimit
     return limits.with_forbidden(block.table, [(wall, wall)])
 
 
-def learn_max_count(block: ReadBlock, limits: DeviceLimits, returned: int | None = None) -> DeviceLimits | None:
+def learn_max_count(block: ReadBlock, limits: DeviceLimits,
+                    returned: int | None = None) -> DeviceLimits | None:
     """Limits capping requests of the block's table below `block.count`, after the device refused the
     quantity (exception 03) or returned only `returned` of the units asked.
 
