@@ -1,6 +1,6 @@
 """`edge-hil opcua-station`: an OPC UA server (asyncua) modelling an oil-field gathering station.
 
-Address space, namespace `urn:fieldgate:hil:opcua-station` (index 2 on a fresh server):
+Address space, namespace `urn:fieldgate:hil:opcua-station:model` (index 2 on a fresh server):
 
     Objects/GatheringStation                              ns=2;s=Station
         Heartbeat          UInt32   +1 per update         ns=2;s=Station.Heartbeat
@@ -47,7 +47,7 @@ from asyncua.ua.status_codes import StatusCodes
 
 from drivers.opcua.certs import ensure_certificate
 
-NAMESPACE = "urn:fieldgate:hil:opcua-station"
+NAMESPACE = "urn:fieldgate:hil:opcua-station:model"  # distinct from the ApplicationUri (index 1)
 APPLICATION_URI = "urn:fieldgate:hil:opcua-station"
 SECURITY_CHOICES = {
     "None": ua.SecurityPolicyType.NoSecurity,

@@ -122,8 +122,11 @@ class _ServerSession:
             try:
                 await self._acquire(link, emit)
             except BaseExceptionGroup as group:
-                first = _first_opcua_error(group)
-                if first is None:
+                # A link failure ends the sibling tasks too; surface it as the one error it is.
+                # Anything else in the group (a bug, a cancellation) propagates untouched.
+                ours, rest = group.split(OpcUaError)
+                first = _first_opcua_error(ours) if ours is not None else None
+                if rest is not None or first is None:
                     raise
                 raise first from group
             finally:
