@@ -108,6 +108,10 @@ class SerialDriver:
                 await self._pump(port, link, emit)
             except SerialPortError as exc:
                 port.decoder.stats.losses += 1
+                # The pending decimated values are the last ones before the loss: report them now
+                # rather than after the port returns.
+                for r in port.decimator.due(math.inf):
+                    emit(r)
                 self._emit_all(port.decoder.port_lost(exc.reason, self._clock_ns()), port, emit)
                 first_failure = False
             finally:
@@ -122,7 +126,7 @@ class SerialDriver:
             deadline = port.decimator.next_deadline()
             if deadline is not None:
                 wake_s = min(wake_s, max(0.0, deadline - now_s))
-            data = await link.read(wake_s if math.isfinite(wake_s) else 0.0)
+            data = await link.read(wake_s)
             now_s = self._monotonic()
             if data:
                 frames_before = port.decoder.stats.frames
