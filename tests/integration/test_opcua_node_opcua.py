@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +98,17 @@ async def test_node_opcua_applies_our_absolute_deadband_filter(endpoint: str) ->
         values = [r.value for r in got.of("tubing") if isinstance(r.value, float)]
         steps = [abs(b - a) for a, b in itertools.pairwise(values)]
         assert steps and min(steps) > 0.025, values  # the server steps by 0.01: most changes were held back
+
+
+async def test_a_deadband_the_server_refuses_for_a_boolean_is_applied_by_the_driver_instead(
+        endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Part 4 §7.22.2: an absolute deadband on a non-numeric variable is BadFilterNotAllowed; the
+    # item is then created without the filter (still monitored, not polled).
+    point = OpcUaPoint(name="run", node_id="ns=1;s=Well01.RunStatus", deadband_abs=0.5)
+    caplog.set_level(logging.WARNING, logger="drivers.opcua.driver")
+    async with running(config(endpoint, point)) as (_, got):
+        await got.value("run", True)
+    assert "polling it" not in caplog.text
 
 
 async def test_our_driver_polls_a_node_opcua_server(endpoint: str) -> None:
