@@ -39,10 +39,7 @@ def build_drivers(cfg: AgentConfig) -> list[Driver]:
 
 def deadbands_of(cfg: AgentConfig) -> dict[tuple[str, str], float]:
     return {
-        (dev.name, p.name): p.deadband
-        for dev in cfg.modbus
-        for p in dev.points
-        if p.deadband is not None
+        (dev.name, p.name): p.deadband for dev in cfg.modbus for p in dev.points if p.deadband is not None
     }
 
 
@@ -79,7 +76,7 @@ class Agent:
 
     async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
         cfg = self.cfg
-        Path(cfg.agent.data_dir).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(cfg.agent.data_dir).mkdir, parents=True, exist_ok=True)
         queue_path = cfg.queue_path
         queue = AsyncQueue(
             lambda: SqliteQueue(queue_path, synchronous=cfg.queue.synchronous),
@@ -98,7 +95,9 @@ class Agent:
         uplink = Uplink(uplink_config(cfg))
         topics = AgentTopics(cfg.agent.id, cfg.uplink.topic_prefix)
         forwarder = Forwarder(
-            queue, uplink, topics,
+            queue,
+            uplink,
+            topics,
             batch_max_records=cfg.uplink.batch_max_records,
             batch_max_bytes=cfg.uplink.batch_max_bytes,
             max_inflight_batches=cfg.uplink.max_inflight_batches,
@@ -122,8 +121,14 @@ class Agent:
             t_stats = tg.create_task(self._log_stats(), name="stats")
             if on_ready is not None:
                 on_ready()
-            log.info("agent %s running: %d driver(s), queue %s, uplink %s:%d",
-                     cfg.agent.id, len(self._drivers), cfg.queue_path, cfg.uplink.host, cfg.uplink.port)
+            log.info(
+                "agent %s running: %d driver(s), queue %s, uplink %s:%d",
+                cfg.agent.id,
+                len(self._drivers),
+                cfg.queue_path,
+                cfg.uplink.host,
+                cfg.uplink.port,
+            )
             await self._stop.wait()
             log.info("agent %s stopping", cfg.agent.id)
             for t in t_drivers:
@@ -151,7 +156,9 @@ class Agent:
             await asyncio.sleep(0.05)
         stats = await queue.stats()
         if stats.depth:
-            log.info("stopping with %d record(s) queued durably; they go out after the next start", stats.depth)
+            log.info(
+                "stopping with %d record(s) queued durably; they go out after the next start", stats.depth
+            )
 
     async def _log_stats(self) -> None:
         while True:
@@ -162,6 +169,12 @@ class Agent:
             log.info(
                 "stats: values=%d cards=%d records=%d queue_depth=%d queue_bytes=%d settled=%d "
                 "published_bytes=%d connected=%s",
-                p.values_committed, p.cards_committed, p.records_committed, qs.depth, qs.bytes,
-                f.records_settled, f.bytes_published, self.uplink.connected if self.uplink else False,
+                p.values_committed,
+                p.cards_committed,
+                p.records_committed,
+                qs.depth,
+                qs.bytes,
+                f.records_settled,
+                f.bytes_published,
+                self.uplink.connected if self.uplink else False,
             )

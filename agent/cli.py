@@ -37,8 +37,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config)
     points = sum(len(d.points) for d in cfg.modbus)
     cards = sum(1 for d in cfg.modbus if d.card is not None)
-    print(f"edge-agent: config OK: agent {cfg.agent.id}, {len(cfg.modbus)} modbus device(s), "
-          f"{points} point(s), {cards} card source(s), uplink {cfg.uplink.host}:{cfg.uplink.port}")
+    print(
+        f"edge-agent: config OK: agent {cfg.agent.id}, {len(cfg.modbus)} modbus device(s), "
+        f"{points} point(s), {cards} card source(s), uplink {cfg.uplink.host}:{cfg.uplink.port}"
+    )
     return 0
 
 
@@ -105,15 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT")
     p.add_argument("--config", required=True, help="agent TOML config file")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides agent.log_level")
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="overrides agent.log_level"
+    )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help=f"validate a config file; exit {EX_CONFIG} and name the bad field if invalid")
+    p = sub.add_parser(
+        "check", help=f"validate a config file; exit {EX_CONFIG} and name the bad field if invalid"
+    )
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("poll", help="read every configured device once and print what the agent would record "
-                       "(commissioning aid; uploads nothing)")
+    p = sub.add_parser(
+        "poll",
+        help="read every configured device once and print what the agent would record "
+        "(commissioning aid; uploads nothing)",
+    )
     p.add_argument("--config", required=True)
     p.add_argument("--once", action="store_true", default=True, help="one acquisition cycle (the default)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")

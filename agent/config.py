@@ -82,7 +82,9 @@ class UplinkSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         if not 1 <= self.max_inflight_batches <= 1024:
             raise ValueError("max_inflight_batches must be within 1..1024")
         if not re.fullmatch(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*", self.topic_prefix):
-            raise ValueError("topic_prefix must be plain topic levels (no wildcards, no leading or trailing '/')")
+            raise ValueError(
+                "topic_prefix must be plain topic levels (no wildcards, no leading or trailing '/')"
+            )
 
 
 class PipelineSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -144,7 +146,9 @@ def _expand_profiles(data: dict[str, object]) -> dict[str, object]:
         dev = dict(dev)
         profile = dev.pop("profile")
         if profile not in PROFILES:
-            raise ConfigError(f"modbus[{i}].profile", f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
+            raise ConfigError(
+                f"modbus[{i}].profile", f"unknown profile {profile!r} (known: {', '.join(PROFILES)})"
+            )
         own_points = dev.get("points", [])
         if not isinstance(own_points, list):
             raise ConfigError(f"modbus[{i}].points", "expected an array of tables")

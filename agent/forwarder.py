@@ -31,8 +31,9 @@ REJECT_BACKOFF_S = 1.0
 
 
 class LeasingQueue(Protocol):
-    async def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
-                    lease_s: float = 60.0) -> Batch: ...
+    async def lease(
+        self, max_items: int, now_s: float, *, max_bytes: int | None = None, lease_s: float = 60.0
+    ) -> Batch: ...
 
     async def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None: ...
 
@@ -40,8 +41,9 @@ class LeasingQueue(Protocol):
 class Publisher(Protocol):
     async def wait_connected(self) -> None: ...
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                      properties: Properties = ...) -> int: ...
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, properties: Properties = ...
+    ) -> int: ...
 
 
 @dataclass
@@ -93,8 +95,10 @@ class Forwarder:
                 await self._slots.acquire()
                 try:
                     batch = await self._queue.lease(
-                        self._batch_max_records, self._monotonic(),
-                        max_bytes=self._batch_max_bytes, lease_s=LEASE_S,
+                        self._batch_max_records,
+                        self._monotonic(),
+                        max_bytes=self._batch_max_bytes,
+                        lease_s=LEASE_S,
                     )
                 except BaseException:
                     self._slots.release()
@@ -128,8 +132,11 @@ class Forwarder:
     async def _publish(self, kind: str, recs: list[StoredRecord]) -> tuple[bool, list[int]]:
         generation = recs[0].generation
         payload, props = encode_batch(
-            self._topics.agent_id, generation, [(r.seq, r.ts_ns, r.payload) for r in recs],
-            encoding=self._encoding, compression=self._compression,
+            self._topics.agent_id,
+            generation,
+            [(r.seq, r.ts_ns, r.payload) for r in recs],
+            encoding=self._encoding,
+            compression=self._compression,
         )
         if not self._use_properties:
             props = NO_PROPERTIES
@@ -137,8 +144,13 @@ class Forwarder:
         seqs = [r.seq for r in recs]
         if reason >= 0x80:
             self.stats.publishes_refused += 1
-            log.warning("forwarder: broker refused batch %s seq %d-%d with reason 0x%02x; will retry",
-                        kind, seqs[0], seqs[-1], reason)
+            log.warning(
+                "forwarder: broker refused batch %s seq %d-%d with reason 0x%02x; will retry",
+                kind,
+                seqs[0],
+                seqs[-1],
+                reason,
+            )
             return False, seqs
         self.stats.batches_published += 1
         self.stats.bytes_published += len(payload)

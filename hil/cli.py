@@ -1,4 +1,4 @@
-"""`edge-hil`: hardware-in-the-loop rigs — simulators, the end-to-end demo, benchmarks."""
+"""`edge-hil`: hardware-in-the-loop rigs: simulators, the end-to-end demo, benchmarks."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from collections.abc import Sequence
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-hil",
-        description="Hardware-in-the-loop rigs for the field gateway: simulated A11 wellsites, the end-to-end "
-        "demo (wells -> agent -> durable queue -> MQTT -> cloud broker -> subscriber) and benchmarks.",
+        description="Hardware-in-the-loop rigs for the field gateway: simulated A11 wellsites and T-Boxes, "
+        "the end-to-end demo (wells -> agent -> durable queue -> MQTT -> cloud broker -> subscriber) "
+        "and benchmarks.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from hil import demo, wellsite
+    from hil import demo, tbox, wellsite
 
     wellsite.add_parser(sub)
+    tbox.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

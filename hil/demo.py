@@ -1,4 +1,4 @@
-"""`edge-hil demo`: the whole path on one box — wells -> agent -> durable queue -> MQTT -> broker -> subscriber.
+"""`edge-hil demo`: the whole path on one box: wells, agent, durable queue, MQTT, broker, subscriber.
 
 Starts, on free loopback ports, the cloud broker (process), a simulated A11 wellsite (process), a
 subscriber (in this process, our own MQTT client) and the edge agent (process); shows live progress;
@@ -84,18 +84,39 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def agent_config(workdir: Path, agent_id: str, broker_port: int, endpoints: list[tuple[str, str, int, int]],
-                 card_interval_s: float) -> Path:
+def agent_config(
+    workdir: Path,
+    agent_id: str,
+    broker_port: int,
+    endpoints: list[tuple[str, str, int, int]],
+    card_interval_s: float,
+) -> Path:
     devices = [
-        {"name": name, "host": host, "port": port, "unit_id": unit, "profile": "a11", "poll_interval_s": 1.0,
-         "card": {"interval_s": card_interval_s}}
+        {
+            "name": name,
+            "host": host,
+            "port": port,
+            "unit_id": unit,
+            "profile": "a11",
+            "poll_interval_s": 1.0,
+            "card": {"interval_s": card_interval_s},
+        }
         for name, host, port, unit in endpoints
     ]
     doc = {
-        "agent": {"id": agent_id, "data_dir": str(workdir / "agent"), "log_level": "info",
-                  "drain_on_stop_s": 15.0},
-        "uplink": {"host": "127.0.0.1", "port": broker_port, "keep_alive_s": 10,
-                   "reconnect_initial_s": 0.2, "reconnect_max_s": 2.0},
+        "agent": {
+            "id": agent_id,
+            "data_dir": str(workdir / "agent"),
+            "log_level": "info",
+            "drain_on_stop_s": 15.0,
+        },
+        "uplink": {
+            "host": "127.0.0.1",
+            "port": broker_port,
+            "keep_alive_s": 10,
+            "reconnect_initial_s": 0.2,
+            "reconnect_max_s": 2.0,
+        },
         "modbus": devices,
     }
     path = workdir / "agent.toml"
@@ -162,14 +183,35 @@ def _say(msg: str) -> None:
 async def _run(args: argparse.Namespace, workdir: Path, procs: Procs) -> int:
     broker_port = free_port()
     _say(f"demo: workdir {workdir}")
-    broker = procs.start("broker", [str(BIN / "cloud-broker"), "run", "--tcp", f"127.0.0.1:{broker_port}",
-                                    "--data", str(workdir / "broker"), "--allow-anonymous"])
+    broker = procs.start(
+        "broker",
+        [
+            str(BIN / "cloud-broker"),
+            "run",
+            "--tcp",
+            f"127.0.0.1:{broker_port}",
+            "--data",
+            str(workdir / "broker"),
+            "--allow-anonymous",
+        ],
+    )
     await asyncio.to_thread(wait_tcp_listening, broker_port, broker.pid, 20.0)
     _say(f"demo: cloud broker listening on 127.0.0.1:{broker_port} (pid {broker.pid})")
 
     ws_port = free_port()
-    wellsite = procs.start("wellsite", [str(BIN / "edge-hil"), "wellsite", "--wells", str(args.wells),
-                                        "--port", str(ws_port), "--card-interval-s", str(args.card_interval_s)])
+    wellsite = procs.start(
+        "wellsite",
+        [
+            str(BIN / "edge-hil"),
+            "wellsite",
+            "--wells",
+            str(args.wells),
+            "--port",
+            str(ws_port),
+            "--card-interval-s",
+            str(args.card_interval_s),
+        ],
+    )
     await asyncio.to_thread(wait_tcp_listening, ws_port, wellsite.pid, 20.0)
     from hil.wellsite import endpoints_for
 
@@ -177,8 +219,11 @@ async def _run(args: argparse.Namespace, workdir: Path, procs: Procs) -> int:
     _say(f"demo: wellsite with {args.wells} A11 wells on 127.0.0.1:{ws_port} (pid {wellsite.pid})")
 
     tally = Tally()
-    sub = Uplink(UplinkConfig(host="127.0.0.1", port=broker_port, client_id="demo-subscriber",
-                              clean_start=True, keep_alive_s=10))
+    sub = Uplink(
+        UplinkConfig(
+            host="127.0.0.1", port=broker_port, client_id="demo-subscriber", clean_start=True, keep_alive_s=10
+        )
+    )
     async with asyncio.TaskGroup() as tg:
         sub_task = tg.create_task(sub.run(), name="subscriber-link")
         await asyncio.wait_for(sub.wait_connected(), 10)
@@ -210,8 +255,10 @@ async def _run(args: argparse.Namespace, workdir: Path, procs: Procs) -> int:
             if elapsed - last_print >= 1.0:
                 last_print = elapsed
                 p50 = percentile(tally.latencies_ms[-2000:], 50)
-                _say(f"demo: t={elapsed:4.1f}s cards={tally.cards} records={len(tally.seen)} "
-                     f"values={tally.values} duplicates={tally.duplicates} p50_ms={p50:.0f}")
+                _say(
+                    f"demo: t={elapsed:4.1f}s cards={tally.cards} records={len(tally.seen)} "
+                    f"values={tally.values} duplicates={tally.duplicates} p50_ms={p50:.0f}"
+                )
 
         _say("demo: stopping the agent (it drains its queue first)")
         rc = await asyncio.to_thread(procs.stop, "agent", 60.0)
@@ -257,11 +304,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("demo", help="run the end-to-end demo on loopback and account for every record")
     p.add_argument("--wells", type=int, default=16, help="simulated A11 wells (default 16)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of acquisition (default 30)")
-    p.add_argument("--card-interval-s", type=float, default=5.0,
-                   help="card interval of the simulated wells and the agent (default 5 s, compressed time)")
-    p.add_argument("--kill-agent-at", type=float, default=None, metavar="S",
-                   help="SIGKILL the agent S seconds in and restart it (crash-durability demo)")
+    p.add_argument(
+        "--card-interval-s",
+        type=float,
+        default=5.0,
+        help="card interval of the simulated wells and the agent (default 5 s, compressed time)",
+    )
+    p.add_argument(
+        "--kill-agent-at",
+        type=float,
+        default=None,
+        metavar="S",
+        help="SIGKILL the agent S seconds in and restart it (crash-durability demo)",
+    )
     p.add_argument("--workdir", help="keep configs, logs and the queue here (default: a temp dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     p.set_defaults(main=run_demo)
-

@@ -49,8 +49,9 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def wait_tcp_listening(port: int, pid: int | None = None, timeout_s: float = 10.0,
-                       host: str = "127.0.0.1") -> None:
+def wait_tcp_listening(
+    port: int, pid: int | None = None, timeout_s: float = 10.0, host: str = "127.0.0.1"
+) -> None:
     """Block until host:port accepts connections; with pid, also check that this process owns it."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -66,7 +67,9 @@ def wait_tcp_listening(port: int, pid: int | None = None, timeout_s: float = 10.
             raise RuntimeError(f"process {pid} exited before listening on {host}:{port}")
         if time.monotonic() > deadline:
             owner = tcp_port_owner_pids(port)
-            raise TimeoutError(f"{host}:{port} not listening by pid {pid} after {timeout_s}s (owners: {owner})")
+            raise TimeoutError(
+                f"{host}:{port} not listening by pid {pid} after {timeout_s}s (owners: {owner})"
+            )
         time.sleep(0.05)
 
 

@@ -21,9 +21,20 @@ pytestmark = pytest.mark.system
 
 def _run_demo(tmp_path: Path, *extra: str) -> tuple[int, dict[str, float], str]:
     proc = subprocess.run(
-        [str(BIN / "edge-hil"), "demo", "--wells", "4", "--card-interval-s", "2", "--workdir", str(tmp_path),
-         *extra],
-        capture_output=True, text=True, timeout=110,
+        [
+            str(BIN / "edge-hil"),
+            "demo",
+            "--wells",
+            "4",
+            "--card-interval-s",
+            "2",
+            "--workdir",
+            str(tmp_path),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
     )
     out = proc.stdout + proc.stderr
     m = LINE.search(proc.stdout)

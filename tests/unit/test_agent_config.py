@@ -21,16 +21,21 @@ def test_a_minimal_config_gets_the_documented_defaults() -> None:
     assert cfg.modbus == ()
 
 
-@pytest.mark.parametrize(("doc", "path"), [
-    ({"agent": {"id": "pad-7"}}, "uplink"),
-    ({**MINIMAL, "uplink": {"host": "h", "port": "x"}}, "uplink.port"),
-    ({**MINIMAL, "uplink": {"host": "h", "port": 70000}}, "uplink"),
-    ({**MINIMAL, "uplink": {"host": "h", "prot": 1}}, "uplink.prot"),
-    ({**MINIMAL, "agent": {"id": "bad/id"}}, "agent"),
-    ({**MINIMAL, "queue": {"synchronous": "OFF"}}, "queue.synchronous"),
-    ({**MINIMAL, "modbus": [{"name": "w1", "host": "h"}, {"name": "w2", "host": "h", "port": "p"}]},
-     "modbus[1].port"),
-])
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        ({"agent": {"id": "pad-7"}}, "uplink"),
+        ({**MINIMAL, "uplink": {"host": "h", "port": "x"}}, "uplink.port"),
+        ({**MINIMAL, "uplink": {"host": "h", "port": 70000}}, "uplink"),
+        ({**MINIMAL, "uplink": {"host": "h", "prot": 1}}, "uplink.prot"),
+        ({**MINIMAL, "agent": {"id": "bad/id"}}, "agent"),
+        ({**MINIMAL, "queue": {"synchronous": "OFF"}}, "queue.synchronous"),
+        (
+            {**MINIMAL, "modbus": [{"name": "w1", "host": "h"}, {"name": "w2", "host": "h", "port": "p"}]},
+            "modbus[1].port",
+        ),
+    ],
+)
 def test_an_invalid_config_names_the_bad_field(doc: dict[str, object], path: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(doc)
@@ -49,24 +54,44 @@ def test_an_unreadable_or_non_toml_file_is_a_config_error(tmp_path: Path) -> Non
 def test_edge_agent_check_exits_with_ex_config_and_names_the_field(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text('[agent]\nid = "pad-7"\n[uplink]\nhost = "127.0.0.1"\nport = "mqtt"\n')
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == EX_CONFIG
     assert "uplink.port" in proc.stderr
     cfg.write_text('[agent]\nid = "pad-7"\n[uplink]\nhost = "127.0.0.1"\n')
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "config OK" in proc.stdout
 
 
 def test_the_a11_profile_expands_to_the_a11_map_and_card_with_overrides() -> None:
-    cfg = parse_config({**MINIMAL, "modbus": [{
-        "name": "well-001", "host": "10.0.0.5", "unit_id": 3, "profile": "a11",
-        "points": [{"name": "tubing_pressure", "address": 40300, "type": "f32", "deadband": 0.05},
-                   {"name": "extra", "address": 40006}],
-        "card": {"interval_s": 600},
-    }]})
+    cfg = parse_config(
+        {
+            **MINIMAL,
+            "modbus": [
+                {
+                    "name": "well-001",
+                    "host": "10.0.0.5",
+                    "unit_id": 3,
+                    "profile": "a11",
+                    "points": [
+                        {"name": "tubing_pressure", "address": 40300, "type": "f32", "deadband": 0.05},
+                        {"name": "extra", "address": 40006},
+                    ],
+                    "card": {"interval_s": 600},
+                }
+            ],
+        }
+    )
     (dev,) = cfg.modbus
     names = [p.name for p in dev.points]
     assert names.count("tubing_pressure") == 1 and "extra" in names and "casing_pressure" in names

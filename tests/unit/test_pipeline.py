@@ -61,8 +61,19 @@ async def test_a_card_becomes_one_card_record_with_card_priority() -> None:
     rec = Recorder()
     p = Pipeline(rec)
     n = 200
-    p.emit(CardReading("w1", 5, n, tuple([0.0] * n), tuple([1.0] * n), tuple([2.0] * n), tuple([3.0] * n),
-                       scalars={f"s{i}": i for i in range(29)}, ts_ns=6))
+    p.emit(
+        CardReading(
+            "w1",
+            5,
+            n,
+            tuple([0.0] * n),
+            tuple([1.0] * n),
+            tuple([2.0] * n),
+            tuple([3.0] * n),
+            scalars={f"s{i}": i for i in range(29)},
+            ts_ns=6,
+        )
+    )
     await p.flush()
     (new,) = rec.committed
     card = decode_record(new.payload)

@@ -19,9 +19,15 @@ from uplink.schema.topics import AgentTopics, all_data_filter, parse_data_topic
 
 def _card(n: int = 200) -> CardRecord:
     return CardRecord(
-        device="well-001", acquired_at_ns=1_700_000_000_000_000_000, ts_ns=1_700_000_001_000_000_000,
-        n_points=n, position_m=[i / 100 for i in range(n)], load_kn=[20.0 + i / 10 for i in range(n)],
-        current_a=[10.0] * n, power_kw=[-2.3] * n, scalars={f"s{i}": float(i) for i in range(29)},
+        device="well-001",
+        acquired_at_ns=1_700_000_000_000_000_000,
+        ts_ns=1_700_000_001_000_000_000,
+        n_points=n,
+        position_m=[i / 100 for i in range(n)],
+        load_kn=[20.0 + i / 10 for i in range(n)],
+        current_a=[10.0] * n,
+        power_kw=[-2.3] * n,
+        scalars={f"s{i}": float(i) for i in range(29)},
         quality="GOOD",
     )
 
@@ -35,12 +41,20 @@ def test_a_card_without_power_meter_counts_only_measured_curves() -> None:
     assert card.value_count == 29 + 3 * 200
 
 
-@pytest.mark.parametrize("record", [
-    TelemetryRecord("well-001", [PointValue("tubing_pressure_mpa", 3.25, "GOOD", 5),
-                                 PointValue("run_status", None, "BAD", 6, "timeout")]),
-    _card(),
-    EventRecord("agent", "gap", "evicted 10 records", 7, "warning"),
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        TelemetryRecord(
+            "well-001",
+            [
+                PointValue("tubing_pressure_mpa", 3.25, "GOOD", 5),
+                PointValue("run_status", None, "BAD", 6, "timeout"),
+            ],
+        ),
+        _card(),
+        EventRecord("agent", "gap", "evicted 10 records", 7, "warning"),
+    ],
+)
 def test_records_survive_the_stored_encoding(record: object) -> None:
     assert decode_record(encode_record(record)) == record  # type: ignore[arg-type]
 
@@ -48,10 +62,17 @@ def test_records_survive_the_stored_encoding(record: object) -> None:
 @pytest.mark.parametrize("encoding", ["msgpack", "json"])
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 @pytest.mark.parametrize("with_properties", [True, False])
-def test_a_batch_decodes_to_its_records_and_keys(encoding: str, compression: str, with_properties: bool) -> None:
+def test_a_batch_decodes_to_its_records_and_keys(
+    encoding: str, compression: str, with_properties: bool
+) -> None:
     stored = [encode_record(_card(50)), encode_record(TelemetryRecord("w", [PointValue("p", 1, "GOOD", 1)]))]
-    payload, props = encode_batch("pad-7", "gen-abc", [(41, 100, stored[0]), (42, 101, stored[1])],
-                                  encoding=encoding, compression=compression)  # type: ignore[arg-type]
+    payload, props = encode_batch(
+        "pad-7",
+        "gen-abc",
+        [(41, 100, stored[0]), (42, 101, stored[1])],
+        encoding=encoding,
+        compression=compression,
+    )  # type: ignore[arg-type]
     batch = decode_batch(payload, props if with_properties else None)
     assert (batch.agent, batch.gen) == ("pad-7", "gen-abc")
     assert [(i.seq, i.ts_ns) for i in batch.items] == [(41, 100), (42, 101)]

@@ -87,7 +87,8 @@ def encode_record(record: Record) -> bytes:
 
 
 def decode_record(data: bytes) -> Record:
-    return _record_decoder.decode(data)
+    record: Record = _record_decoder.decode(data)
+    return record
 
 
 class BatchItem(msgspec.Struct, frozen=True, array_like=True):
@@ -137,12 +138,22 @@ def encode_batch(
     if not items:
         raise ValueError("a batch needs at least one record")
     if encoding == "msgpack":
-        batch = Batch(SCHEMA_VERSION, agent, generation,
-                      [BatchItem(s, t, msgspec.Raw(r)) for s, t, r in items], historical)
+        batch = Batch(
+            SCHEMA_VERSION,
+            agent,
+            generation,
+            [BatchItem(s, t, msgspec.Raw(r)) for s, t, r in items],
+            historical,
+        )
         payload = _mp_encoder.encode(batch)
     else:
-        decoded = DecodedBatch(SCHEMA_VERSION, agent, generation,
-                               [DecodedItem(s, t, decode_record(r)) for s, t, r in items], historical)
+        decoded = DecodedBatch(
+            SCHEMA_VERSION,
+            agent,
+            generation,
+            [DecodedItem(s, t, decode_record(r)) for s, t, r in items],
+            historical,
+        )
         payload = _json_encoder.encode(decoded)
     if compression == "zstd":
         payload = zstandard.ZstdCompressor(level=3).compress(payload)

@@ -21,7 +21,8 @@ def validate_agent_id(agent_id: str) -> None:
     """Agent ids become one topic level and a client id: no wildcards, slashes, spaces or '$'."""
     if not _ID_RE.match(agent_id):
         raise ValueError(
-            f"agent id {agent_id!r} must be 1-128 characters of A-Z a-z 0-9 . _ : - and start with a letter or digit"
+            f"agent id {agent_id!r} must be 1-128 characters of A-Z a-z 0-9 . _ : - "
+            "and start with a letter or digit"
         )
 
 
@@ -63,7 +64,7 @@ def parse_data_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str
     head = prefix + "/"
     if not topic.startswith(head):
         return None
-    parts = topic[len(head):].split("/")
+    parts = topic[len(head) :].split("/")
     if len(parts) != 3 or parts[1] != "data":
         return None
     return parts[0], parts[2]
