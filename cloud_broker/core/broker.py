@@ -17,6 +17,17 @@ Invariants:
   in v5); nothing raised by the protocol escapes to the listener.
 - Deadlines sit in one heap with lazy invalidation: an entry counts only if its time still equals
   the owner's current deadline (`Connection.deadline`, `Session.expires_at`, the delayed will's).
+- Durability (when built with `journal=True`): every change to a persistent session's queue or to
+  the retained store becomes an intent in the journal (see `core.persistence`). A PUBACK/PUBREC whose
+  message produced intents is held until the owner reports that journal batch committed; the acks
+  a connection sends after it wait behind it, so acknowledgements keep the order of the PUBLISHes
+  (MQTT-4.6.0-2/3). A hook may hold an ack the same way (`ACK_LATER`, `complete_ack`).
+- Authentication may be deferred (`deferred_auth=True`): CONNECT becomes an `AuthRequest` for the
+  owner; packets the client pipelines behind its CONNECT wait in the connection's backlog until
+  `auth_completed` decides.
+- Back-pressure: the owner marks a connection congested when its socket's write buffer passes the
+  high-water mark. QoS 0 messages for it are dropped (counted), QoS 1/2 ones wait in its session's
+  queue until `set_congested(conn_id, False)`.
 """
 
 from __future__ import annotations
@@ -24,13 +35,33 @@ from __future__ import annotations
 import heapq
 import math
 import secrets
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from enum import Enum
 
-from cloud_broker.core.hooks import Authenticator, Authorizer, MessageHook
-from cloud_broker.core.model import ClientInfo, Message, SubscriptionEntry
-from cloud_broker.core.persistence import MemoryPersistence, Persistence, SessionSnapshot
+from cloud_broker.core.hooks import ACK_LATER, Authenticator, Authorizer, MessageHook
+from cloud_broker.core.model import (
+    AuthRequest,
+    AuthResult,
+    ClientInfo,
+    Message,
+    StoredDelivery,
+    SubscriptionEntry,
+)
+from cloud_broker.core.persistence import (
+    DeleteDelivery,
+    DeleteRetained,
+    DeleteSession,
+    Intent,
+    MarkReleased,
+    MarkSent,
+    SaveDelivery,
+    SaveRetained,
+    SaveSession,
+    SessionRecord,
+    StoredState,
+)
 from cloud_broker.core.retained import RetainedStore
 from cloud_broker.core.router import Router, SharedGroup
 from cloud_broker.core.session import Delivery, Session
@@ -70,12 +101,55 @@ _DL_SESSION = 1  # expiry of a detached session
 _DL_WILL = 2  # delayed will (MQTT 5 Will Delay Interval)
 
 _MAX_RECEIVE = 65535
+# Packets a client may pipeline behind its CONNECT while a deferred authentication runs.
+_MAX_AUTH_BACKLOG = 64
+# Topics under this prefix are the broker's own statistics: republished often, never journaled.
+SYS_PREFIX = "$SYS/"
 
 
 class _State(Enum):
     AWAITING_CONNECT = 0
     CONNECTED = 1
     CLOSED = 2
+    AUTHENTICATING = 3
+
+
+class _HeldAck:
+    """An acknowledgement waiting for its journal batch to commit and/or a hook to settle it."""
+
+    __slots__ = ("batch", "data", "kind", "level", "packet_id", "ticket")
+
+    def __init__(self, batch: int, data: bytes | None, ticket: int, kind: int, packet_id: int,
+                 level: int) -> None:
+        self.batch = batch
+        self.data = data  # None until the hook settled it
+        self.ticket = ticket
+        self.kind = kind  # 1: PUBACK, 2: PUBREC
+        self.packet_id = packet_id
+        self.level = level
+
+
+class Counters:
+    """Totals since start, for `$SYS` and metrics. Plain attributes: incremented on the hot path."""
+
+    __slots__ = ("auth_failures", "bytes_received", "bytes_sent", "connections_total", "messages_dropped",
+                 "messages_received", "messages_sent", "protocol_violations", "publish_refused",
+                 "qos0_dropped_congested")
+
+    def __init__(self) -> None:
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.messages_received = 0  # PUBLISH packets accepted from clients
+        self.messages_sent = 0  # PUBLISH packets written to clients (resends included)
+        self.messages_dropped = 0  # queue full, too large for the client, or expired
+        self.qos0_dropped_congested = 0
+        self.publish_refused = 0  # not authorized
+        self.protocol_violations = 0
+        self.auth_failures = 0
+        self.connections_total = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Connection:
@@ -83,26 +157,38 @@ class Connection:
 
     __slots__ = (
         "aliases",
+        "backlog",
+        "cert_identity",
         "client",
+        "congested",
         "conn_id",
         "connect_expiry_s",
         "deadline",
         "decoder",
+        "held",
         "inflight_window",
         "keepalive_window_s",
         "last_rx",
         "max_packet_size_out",
         "opened_at",
         "peer",
+        "pending_connect",
         "protocol_level",
         "session",
         "state",
         "will",
     )
 
-    def __init__(self, conn_id: int, peer: str, now: float, max_packet_size: int) -> None:
+    def __init__(self, conn_id: int, peer: str, now: float, max_packet_size: int,
+                 cert_identity: str | None = None) -> None:
         self.conn_id = conn_id
         self.peer = peer
+        self.cert_identity = cert_identity
+        self.congested = False
+        self.held: deque[_HeldAck] | None = None  # acknowledgements waiting (see the module docstring)
+        # While AUTHENTICATING: the CONNECT, the client id in use, the id we assigned (v5), the will.
+        self.pending_connect: tuple[Connect, str, str | None, Will | None] | None = None
+        self.backlog: list[Packet] = []  # packets pipelined behind a CONNECT being authenticated
         self.opened_at = now
         self.last_rx = now
         self.decoder = Decoder(None, max_packet_size)
@@ -134,6 +220,10 @@ def _reason_311(reason: int) -> int:
     return ConnectReturnCode.SERVER_UNAVAILABLE
 
 
+def _stored(delivery: Delivery) -> StoredDelivery:
+    return StoredDelivery(delivery.message, delivery.qos, delivery.retain, delivery.subscription_ids)
+
+
 def _default_client_id() -> str:
     return "fg-" + secrets.token_hex(10)
 
@@ -147,21 +237,32 @@ class Broker:
         *,
         authenticator: Authenticator | None = None,
         authorizer: Authorizer | None = None,
-        persistence: Persistence | None = None,
         hooks: Sequence[MessageHook] = (),
         client_id_factory: Callable[[], str] = _default_client_id,
+        journal: bool = False,
+        deferred_auth: bool = False,
     ) -> None:
         self.settings = settings = settings or CoreSettings()
         settings.validate()
         self._authenticator = authenticator
+        self._deferred_auth = deferred_auth
+        self._auth_requests: list[AuthRequest] = []
         self._authorizer = authorizer  # None: everything allowed (skips a call on the hot path)
-        self._persistence: Persistence = persistence if persistence is not None else MemoryPersistence()
         self._hooks = tuple(hooks)
+        self.counters = Counters()
+        # Journal (see the module docstring): intents of the open batch, its number, the last committed.
+        self._journal_on = journal
+        self._journal: list[Intent] = []
+        self._batch = 1
+        self._committed = 0
+        self._held_conns: set[int] = set()  # connections with held acknowledgements
+        self._tickets: dict[int, tuple[int, _HeldAck]] = {}  # hook ticket -> (conn_id, held ack)
+        self._next_ticket = 0
         self._new_client_id = client_id_factory
         self._conns: dict[int, Connection] = {}
         self._sessions: dict[str, Session] = {}
         self._router = Router()
-        self._retained = RetainedStore(on_expired=self._persistence.delete_retained)
+        self._retained = RetainedStore(on_expired=self._retained_expired)
         self._delayed_wills: dict[str, tuple[float, ClientInfo, Message]] = {}
         self._deadlines: list[tuple[float, int, int, int | str]] = []
         self._deadline_seq = 0
@@ -182,10 +283,15 @@ class Broker:
 
     # ---------------------------------------------------------------- inputs from listeners and timers
 
-    def connection_opened(self, conn_id: int, peer: str, now: float) -> None:
-        """A listener accepted a connection; it has `connect_timeout_s` to send CONNECT."""
-        conn = Connection(conn_id, peer, now, self.settings.max_packet_size_bytes)
+    def connection_opened(self, conn_id: int, peer: str, now: float,
+                          cert_identity: str | None = None) -> None:
+        """A listener accepted a connection; it has `connect_timeout_s` to send CONNECT.
+
+        `cert_identity` is the identity the transport verified (TLS client certificate), if any.
+        """
+        conn = Connection(conn_id, peer, now, self.settings.max_packet_size_bytes, cert_identity)
         self._conns[conn_id] = conn
+        self.counters.connections_total += 1
         self._schedule_connection(conn, now + self.settings.connect_timeout_s)
 
     def data_received(self, conn_id: int, data: bytes, now: float) -> None:
@@ -194,13 +300,24 @@ class Broker:
         if conn is None:
             return
         conn.last_rx = now
+        self.counters.bytes_received += len(data)
         try:
             packets = conn.decoder.feed(data)
         except RemoteProtocolError as exc:
             self._violation(conn, exc, now)
             return
-        for packet in packets:
-            if conn.state is _State.CLOSED:
+        self._handle_all(conn, packets, now)
+
+    def _handle_all(self, conn: Connection, packets: list[Packet], now: float) -> None:
+        for i, packet in enumerate(packets):
+            state = conn.state
+            if state is _State.CLOSED:
+                return
+            if state is _State.AUTHENTICATING:
+                conn.backlog.extend(packets[i:])
+                if len(conn.backlog) > _MAX_AUTH_BACKLOG:
+                    self._violation(conn, RemoteProtocolError(
+                        "too many packets before CONNACK", ReasonCode.QUOTA_EXCEEDED), now)
                 return
             try:
                 self._handle(conn, packet, now)
@@ -248,28 +365,136 @@ class Broker:
         writes = [(cid, b"".join(chunks)) for cid, chunks in self._writes.items()]
         self._writes = {}
         closes, self._closes = self._closes, []
+        sent = 0
+        for _cid, data in writes:
+            sent += len(data)
+        self.counters.bytes_sent += sent
         return writes, closes
 
     def has_output(self) -> bool:
         return bool(self._writes or self._closes)
 
+    # ---------------------------------------------------------------- durability, deferred decisions
+
+    def has_journal(self) -> bool:
+        """Whether intents wait to be taken with `drain_journal`."""
+        return bool(self._journal)
+
+    def drain_journal(self) -> tuple[int, list[Intent]]:
+        """Take the open batch of intents and its number; the owner applies batches in this order."""
+        batch, intents = self._batch, self._journal
+        self._journal = []
+        self._batch += 1
+        return batch, intents
+
+    def journal_committed(self, batch: int, now: float) -> None:
+        """Every batch up to `batch` is durable: release the acknowledgements that waited for it."""
+        if batch <= self._committed:
+            return
+        self._committed = batch
+        for conn_id in list(self._held_conns):
+            conn = self._conns.get(conn_id)
+            if conn is not None:
+                self._release_held(conn)
+
+    def complete_ack(self, ticket: int, reason_code: int, now: float) -> None:
+        """A hook settles the acknowledgement it deferred with `ACK_LATER`. Unknown tickets are ignored
+        (the connection closed meanwhile: the client will resend)."""
+        found = self._tickets.pop(ticket, None)
+        if found is None:
+            return
+        conn_id, held = found
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return
+        v5 = held.level == MQTT_5
+        code = reason_code if v5 else 0
+        if held.kind == 1:
+            held.data = encode(PubAck(held.packet_id, code), held.level)
+        else:
+            session = conn.session
+            if reason_code >= 0x80 and session is not None:
+                session.inbound_qos2.discard(held.packet_id)  # refused: a resend is a new message
+            held.data = encode(PubRec(held.packet_id, code), held.level)
+        held.ticket = 0
+        self._release_held(conn)
+
+    def drain_auth_requests(self) -> list[AuthRequest]:
+        """CONNECTs waiting for the owner's authenticator (only with `deferred_auth=True`)."""
+        out, self._auth_requests = self._auth_requests, []
+        return out
+
+    def auth_completed(self, conn_id: int, result: AuthResult, now: float) -> None:
+        """The owner's verdict on a deferred CONNECT; the client's pipelined packets run after it."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.state is not _State.AUTHENTICATING or conn.pending_connect is None:
+            return
+        pkt, client_id, assigned, will = conn.pending_connect
+        conn.pending_connect = None
+        conn.state = _State.AWAITING_CONNECT
+        if result.reason_code != ReasonCode.SUCCESS:
+            self.counters.auth_failures += 1
+            self._refuse(conn, result.reason_code, now)
+            return
+        self._finish_connect(conn, pkt, client_id, assigned, will, result, now)
+        backlog, conn.backlog = conn.backlog, []
+        self._handle_all(conn, backlog, now)
+
+    def set_congested(self, conn_id: int, congested: bool, now: float) -> None:
+        """The connection's write buffer passed the high-water mark (True) or drained (False)."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.congested == congested:
+            return
+        conn.congested = congested
+        session = conn.session
+        if not congested and session is not None and session.conn_id == conn_id and session.pending:
+            self._pump(conn, session, now)
+
+    def close_connection(self, conn_id: int, reason_code: int, now: float) -> None:
+        """The owner ends a connection (e.g. a consumer too slow for too long): abnormal, will published."""
+        conn = self._conns.get(conn_id)
+        if conn is not None:
+            self._close(conn, now, disconnect_reason=reason_code, publish_will=True)
+
     # ---------------------------------------------------------------- other entry points
 
-    def restore(self, now: float) -> None:
-        """Load retained messages and persistent sessions from persistence (once, before serving)."""
-        for message in self._persistence.load_retained():
+    def restore(self, state: StoredState, now: float) -> None:
+        """Rebuild retained messages and persistent sessions from storage (once, before serving).
+
+        Deliveries that were in flight go back in flight with their packet ids, to be resent with DUP
+        when the client resumes (MQTT-4.4.0-1); the rest wait in the queue in their original order.
+        """
+        for message in state.retained:
             self._retained.store(message)
-        for snap in self._persistence.load_sessions():
-            session = Session(snap.client_id, snap.protocol_level, snap.expiry_interval_s,
+        for record in state.sessions:
+            session = Session(record.client_id, record.protocol_level, record.expiry_interval_s,
                               self.settings.max_queued_messages)
-            for entry in snap.subscriptions:
+            session.durable = self._journal_on and record.expiry_interval_s != 0
+            for entry in record.subscriptions:
                 session.subscriptions[entry.topic_filter] = entry
                 self._router.add(entry)
-            for stored in snap.queued:
-                session.pending.append(Delivery(stored.message, stored.qos, stored.retain,
-                                                stored.subscription_ids))
-            self._sessions[snap.client_id] = session
-            self._start_expiry(session, now)
+            self._sessions[record.client_id] = session
+            if record.expires_at is not None and record.expires_at <= now:
+                self._end_session(session, now)
+                continue
+            if record.expiry_interval_s == SESSION_NEVER_EXPIRES:
+                session.expires_at = None
+            else:
+                session.expires_at = (record.expires_at if record.expires_at is not None
+                                      else now + record.expiry_interval_s)
+                self._push_deadline(session.expires_at, _DL_SESSION, session.client_id)
+        for queued in state.deliveries:
+            restored = self._sessions.get(queued.client_id)
+            if restored is None:
+                continue
+            stored = queued.delivery
+            delivery = Delivery(stored.message, stored.qos, stored.retain, stored.subscription_ids,
+                                queued.released, queued.seq)
+            restored.next_seq = max(restored.next_seq, queued.seq + 1)
+            if queued.packet_id is not None and queued.packet_id not in restored.inflight:
+                restored.inflight[queued.packet_id] = delivery
+            else:
+                restored.pending.append(delivery)
 
     def publish(self, message: Message, now: float) -> int:
         """Route a message the broker itself originates (rules, `$SYS`); no hooks or authorization.
@@ -288,11 +513,22 @@ class Broker:
         return self._sessions.get(client_id)
 
     def stats(self) -> dict[str, int]:
+        """Gauges (connections, sessions, ...) and the counters since start."""
+        connected = 0
+        for conn in self._conns.values():
+            if conn.state is _State.CONNECTED:
+                connected += 1
+        queued = 0
+        for session in self._sessions.values():
+            queued += len(session.pending) + len(session.inflight)
         return {
             "connections": len(self._conns),
+            "clients_connected": connected,
             "sessions": len(self._sessions),
             "subscriptions": len(self._router),
             "retained": len(self._retained),
+            "messages_queued": queued,
+            **self.counters.as_dict(),
         }
 
     # ---------------------------------------------------------------- dispatch
@@ -331,6 +567,7 @@ class Broker:
 
     def _violation(self, conn: Connection, exc: ProtocolError, now: float) -> None:
         """Close a connection that broke the protocol, telling the client why where MQTT allows it."""
+        self.counters.protocol_violations += 1
         if conn.state is _State.CONNECTED:
             self._close(conn, now, disconnect_reason=exc.reason_code, publish_will=True)
             return
@@ -388,10 +625,34 @@ class Broker:
                     return
                 will = replace(will, retain=False)
 
-        reason = self._authenticate(client_id, pkt, conn.peer)
-        if reason != ReasonCode.SUCCESS:
-            self._refuse(conn, reason, now)
+        anonymous = pkt.username is None and pkt.password is None and conn.cert_identity is None
+        if anonymous and settings.allow_anonymous:
+            result = AuthResult(ReasonCode.SUCCESS)
+        elif self._deferred_auth:
+            conn.state = _State.AUTHENTICATING
+            conn.pending_connect = (pkt, client_id, assigned, will)
+            self._auth_requests.append(AuthRequest(conn.conn_id, client_id, pkt.username, pkt.password,
+                                                   conn.peer, conn.cert_identity))
             return
+        elif self._authenticator is None:
+            # No credentials provider: credentials cannot be checked, so only anonymity can pass.
+            result = AuthResult(ReasonCode.SUCCESS if settings.allow_anonymous else ReasonCode.NOT_AUTHORIZED)
+        else:
+            result = self._authenticator.authenticate(AuthRequest(
+                conn.conn_id, client_id, pkt.username, pkt.password, conn.peer, conn.cert_identity))
+        if result.reason_code != ReasonCode.SUCCESS:
+            self.counters.auth_failures += 1
+            self._refuse(conn, result.reason_code, now)
+            return
+        self._finish_connect(conn, pkt, client_id, assigned, will, result, now)
+
+    def _finish_connect(self, conn: Connection, pkt: Connect, client_id: str, assigned: str | None,
+                        will: Will | None, auth: AuthResult, now: float) -> None:
+        """The CONNECT is authenticated: keepalive, session (new, resumed or taken over), CONNACK."""
+        settings = self.settings
+        level = pkt.protocol_level
+        v5 = level == MQTT_5
+        props = pkt.properties
 
         # Keepalive: MQTT 5 lets the server impose its own (Server Keep Alive); 3.1.1 clients keep theirs.
         keep_alive_s = pkt.keep_alive_s
@@ -434,9 +695,19 @@ class Broker:
             session.expires_at = None
             session_present = True
         session.conn_id = conn.conn_id
+        if self._journal_on:
+            if expiry != 0:
+                session.durable = True
+                self._save_session(session)
+            elif session.durable:
+                # Resumed without expiry: it ends with this connection, so storage forgets it now
+                # (a crash before then must not bring it back).
+                session.durable = False
+                self._journal.append(DeleteSession(client_id))
 
         conn.session = session
-        conn.client = ClientInfo(client_id, pkt.username, conn.peer, level)
+        username = auth.username if auth.username is not None else pkt.username
+        conn.client = ClientInfo(client_id, username, conn.peer, level, conn.cert_identity, auth.role)
         conn.will = will
         conn.state = _State.CONNECTED
         if v5:
@@ -462,16 +733,8 @@ class Broker:
             conn.deadline = None
 
         if session_present:
-            self._resend_inflight(conn, session)
+            self._resend_inflight(conn, session, now)
             self._pump(conn, session, now)
-
-    def _authenticate(self, client_id: str, pkt: Connect, peer: str) -> int:
-        if pkt.username is None and pkt.password is None and self.settings.allow_anonymous:
-            return ReasonCode.SUCCESS
-        if self._authenticator is None:
-            # No credentials provider: credentials cannot be checked, so only anonymity can pass.
-            return ReasonCode.SUCCESS if self.settings.allow_anonymous else ReasonCode.NOT_AUTHORIZED
-        return self._authenticator.authenticate(client_id, pkt.username, pkt.password, peer)
 
     def _refuse(self, conn: Connection, reason: int, now: float) -> None:
         """Answer CONNECT with a failure CONNACK and close."""
@@ -525,35 +788,75 @@ class Broker:
             assert pid is not None
             if pid in session.inbound_qos2:
                 # A re-sent QoS 2 PUBLISH whose first copy we already routed: acknowledge, never route twice.
-                self._send(conn, PubRec(pid))
+                self._ack(conn, 2, pid, 0, False, 0)
                 return
             if len(session.inbound_qos2) >= settings.receive_maximum:
                 raise RemoteProtocolError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
                                           ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
 
+        self.counters.messages_received += 1
+        journal_before = len(self._journal)
+        ticket = 0
         if self._authorizer is not None and not self._authorizer.can_publish(client, topic):
+            # MQTT 5: PUBACK/PUBREC 0x87. MQTT 3.1.1 cannot say no: the message is acked and dropped
+            # (for QoS 0 it is dropped silently at both levels).
+            self.counters.publish_refused += 1
             reason: int = ReasonCode.NOT_AUTHORIZED
         else:
             message = Message(topic, pkt.payload, qos, pkt.retain, props, expires_at, client.client_id)
-            reason = self._accept(client, message, now)
+            if qos and self._hooks:
+                self._next_ticket += 1
+                ticket = self._next_ticket
+            reason = self._accept(client, message, now, ticket)
+        if qos == 0:
+            return
+        assert pid is not None
+        if qos == 2 and reason < 0x80:
+            session.inbound_qos2.add(pid)
+        self._ack(conn, qos, pid, reason, len(self._journal) > journal_before,
+                  ticket if reason == ACK_LATER else 0)
 
-        if conn.protocol_level != MQTT_5:
-            reason_out = 0  # MQTT 3.1.1 acks carry no reason code: a refused message is acked and dropped
+    def _ack(self, conn: Connection, kind: int, pid: int, reason: int, durable: bool, ticket: int) -> None:
+        """PUBACK (kind 1) or PUBREC (kind 2) now, or held behind the journal, a hook or earlier acks."""
+        level = conn.protocol_level
+        if ticket:
+            data = None
         else:
-            reason_out = reason
-        if qos == 1:
-            assert pid is not None
-            self._send(conn, PubAck(pid, reason_out))
-        elif qos == 2:
-            assert pid is not None
-            if reason < 0x80:
-                session.inbound_qos2.add(pid)
-            self._send(conn, PubRec(pid, reason_out))
+            # MQTT 3.1.1 acks carry no reason code.
+            code = reason if level == MQTT_5 else 0
+            data = encode(PubAck(pid, code) if kind == 1 else PubRec(pid, code), level)
+        held = conn.held
+        if not durable and not ticket and not held:
+            self._write(conn.conn_id, data)  # type: ignore[arg-type]  # ticket 0 implies data
+            return
+        entry = _HeldAck(self._batch if durable else 0, data, ticket, kind, pid, level)
+        if held is None:
+            held = conn.held = deque()
+        held.append(entry)
+        self._held_conns.add(conn.conn_id)
+        if ticket:
+            self._tickets[ticket] = (conn.conn_id, entry)
+        self._release_held(conn)
 
-    def _accept(self, client: ClientInfo, message: Message, now: float) -> int:
-        """Hooks, retained store, routing; returns the PUBACK/PUBREC reason code."""
+    def _release_held(self, conn: Connection) -> None:
+        """Write held acknowledgements from the front while they are settled and durable."""
+        held = conn.held
+        if not held:
+            return
+        committed = self._committed
+        while held:
+            entry = held[0]
+            if entry.ticket or entry.batch > committed:
+                return
+            held.popleft()
+            assert entry.data is not None
+            self._write(conn.conn_id, entry.data)
+        self._held_conns.discard(conn.conn_id)
+
+    def _accept(self, client: ClientInfo, message: Message, now: float, ticket: int = 0) -> int:
+        """Hooks, retained store, routing; returns the PUBACK/PUBREC reason code (or ACK_LATER)."""
         for hook in self._hooks:
-            verdict = hook.on_publish(client, message)
+            verdict = hook.on_publish(client, message, ticket)
             if verdict is not None:
                 return verdict
         if message.retain:
@@ -562,11 +865,15 @@ class Broker:
         return ReasonCode.SUCCESS if delivered else ReasonCode.NO_MATCHING_SUBSCRIBERS
 
     def _store_retained(self, message: Message) -> None:
-        if self._retained.store(message):
+        if self._retained.store(message) and self._journal_on and not message.topic.startswith(SYS_PREFIX):
             if message.payload:
-                self._persistence.save_retained(message)
+                self._journal.append(SaveRetained(message))
             else:
-                self._persistence.delete_retained(message.topic)
+                self._journal.append(DeleteRetained(message.topic))
+
+    def _retained_expired(self, topic: str) -> None:
+        if self._journal_on:
+            self._journal.append(DeleteRetained(topic))
 
     # ---------------------------------------------------------------- routing and delivery
 
@@ -625,9 +932,13 @@ class Broker:
         conn = self._conns.get(session.conn_id) if session.conn_id is not None else None
         if conn is None:
             if delivery.qos > 0 or self.settings.queue_qos0_offline:
-                session.enqueue(delivery)
+                self._enqueue(session, delivery)
             return
         if delivery.qos == 0:
+            if conn.congested:
+                # The client does not read fast enough: at most once may be never (counted).
+                self.counters.qos0_dropped_congested += 1
+                return
             if cache is None:
                 data = self._encode_delivery(conn, delivery, 0, False, now)
             else:
@@ -638,23 +949,49 @@ class Broker:
                     data = self._encode_delivery(conn, delivery, 0, False, now)
                     cache[key] = data
             if data is not None and len(data) <= conn.max_packet_size_out:
+                self.counters.messages_sent += 1
                 self._write(conn.conn_id, data)
             return
-        if session.pending or len(session.inflight) >= conn.inflight_window:
-            session.enqueue(delivery)
+        if session.pending or conn.congested or len(session.inflight) >= conn.inflight_window:
+            self._enqueue(session, delivery)
+            return
+        if session.durable:
+            delivery.seq = seq = session.next_seq
+            session.next_seq = seq + 1
+            pid = self._send_inflight(conn, session, delivery, now)
+            if pid:
+                self._journal.append(SaveDelivery(session.client_id, seq, _stored(delivery), pid))
             return
         self._send_inflight(conn, session, delivery, now)
 
-    def _send_inflight(self, conn: Connection, session: Session, delivery: Delivery, now: float) -> None:
-        """Send a QoS 1/2 delivery with a fresh packet id; too large or expired ones are dropped."""
+    def _enqueue(self, session: Session, delivery: Delivery) -> None:
+        if not session.enqueue(delivery):
+            self.counters.messages_dropped += 1
+            return
+        if session.durable:
+            delivery.seq = seq = session.next_seq
+            session.next_seq = seq + 1
+            self._journal.append(SaveDelivery(session.client_id, seq, _stored(delivery)))
+
+    def _settled(self, session: Session, delivery: Delivery) -> None:
+        """A journaled delivery left the session (acknowledged, refused, dropped or expired)."""
+        if delivery.seq and session.durable:
+            self._journal.append(DeleteDelivery(session.client_id, delivery.seq))
+
+    def _send_inflight(self, conn: Connection, session: Session, delivery: Delivery, now: float) -> int:
+        """Send a QoS 1/2 delivery with a fresh packet id and return it; 0 when it was dropped instead
+        (expired, or too large for the client)."""
         pid = session.allocate_packet_id()
         data = self._encode_delivery(conn, delivery, pid, False, now)
         if data is None or len(data) > conn.max_packet_size_out:
             # MQTT 5 3.1.2.11.4: a message larger than the client's Maximum Packet Size is discarded.
             session.dropped_messages += 1
-            return
+            self.counters.messages_dropped += 1
+            return 0
         session.inflight[pid] = delivery
+        self.counters.messages_sent += 1
         self._write(conn.conn_id, data)
+        return pid
 
     def _encode_delivery(self, conn: Connection, delivery: Delivery, pid: int, dup: bool,
                          now: float) -> bytes | None:
@@ -676,31 +1013,40 @@ class Broker:
                               pid if delivery.qos else None, conn.protocol_level, props)
 
     def _pump(self, conn: Connection, session: Session, now: float) -> None:
-        """Move queued deliveries out while the client's Receive Maximum allows."""
+        """Move queued deliveries out while the client's Receive Maximum and its socket allow."""
         pending = session.pending
-        while pending and len(session.inflight) < conn.inflight_window:
+        journal = self._journal
+        while pending and len(session.inflight) < conn.inflight_window and not conn.congested:
             delivery = pending.popleft()
             if delivery.qos == 0:
                 data = self._encode_delivery(conn, delivery, 0, False, now)
                 if data is not None and len(data) <= conn.max_packet_size_out:
+                    self.counters.messages_sent += 1
                     self._write(conn.conn_id, data)
+                self._settled(session, delivery)
             else:
-                self._send_inflight(conn, session, delivery, now)
+                pid = self._send_inflight(conn, session, delivery, now)
+                if delivery.seq and session.durable:
+                    if pid:
+                        journal.append(MarkSent(session.client_id, delivery.seq, pid))
+                    else:
+                        journal.append(DeleteDelivery(session.client_id, delivery.seq))
 
-    def _resend_inflight(self, conn: Connection, session: Session) -> None:
-        """On session resumption, resend unacknowledged PUBLISHes (DUP set) and PUBRELs, in order."""
-        for pid, delivery in session.inflight.items():
+    def _resend_inflight(self, conn: Connection, session: Session, now: float) -> None:
+        """On session resumption, resend unacknowledged PUBLISHes (DUP set) and PUBRELs, in order,
+        with their original packet ids (MQTT-4.4.0-1). Messages that expired meanwhile are dropped."""
+        for pid, delivery in list(session.inflight.items()):
             if delivery.released:
                 self._send(conn, PubRel(pid))
                 continue
-            message = delivery.message
-            props = NO_PROPERTIES
-            if conn.protocol_level == MQTT_5:
-                props = message.properties
-                if delivery.subscription_ids:
-                    props = replace(props, subscription_identifiers=delivery.subscription_ids)
-            self._write(conn.conn_id, encode_publish(message.topic, message.payload, delivery.qos,
-                                                     delivery.retain, True, pid, conn.protocol_level, props))
+            data = self._encode_delivery(conn, delivery, pid, True, now)
+            if data is None or len(data) > conn.max_packet_size_out:
+                del session.inflight[pid]
+                self.counters.messages_dropped += 1
+                self._settled(session, delivery)
+                continue
+            self.counters.messages_sent += 1
+            self._write(conn.conn_id, data)
 
     # ---------------------------------------------------------------- acknowledgements from a client
 
@@ -711,6 +1057,8 @@ class Broker:
         if delivery is None or delivery.qos != 1:
             return  # unknown or already settled (a late duplicate): nothing to do
         del session.inflight[pkt.packet_id]
+        if delivery.seq:
+            self._settled(session, delivery)
         if session.pending:
             self._pump(conn, session, now)
 
@@ -724,9 +1072,13 @@ class Broker:
         if pkt.reason_code >= 0x80:
             # The client refused the message: the exchange ends here (MQTT 5 4.3.3).
             del session.inflight[pkt.packet_id]
+            self._settled(session, delivery)
             self._pump(conn, session, now)
             return
-        delivery.released = True
+        if not delivery.released:
+            delivery.released = True
+            if delivery.seq and session.durable:
+                self._journal.append(MarkReleased(session.client_id, delivery.seq))
         self._send(conn, PubRel(pkt.packet_id))
 
     def _on_pubcomp(self, conn: Connection, pkt: PubComp, now: float) -> None:
@@ -736,6 +1088,7 @@ class Broker:
         if delivery is None or not delivery.released:
             return
         del session.inflight[pkt.packet_id]
+        self._settled(session, delivery)
         if session.pending:
             self._pump(conn, session, now)
 
@@ -840,7 +1193,7 @@ class Broker:
         self._close(conn, now, disconnect_reason=None, publish_will=keep_will)
 
     def _connection_deadline(self, conn: Connection, now: float) -> None:
-        if conn.state is _State.AWAITING_CONNECT:
+        if conn.state is _State.AWAITING_CONNECT or conn.state is _State.AUTHENTICATING:
             due = conn.opened_at + self.settings.connect_timeout_s
             if due <= now:
                 self._close(conn, now, disconnect_reason=None, publish_will=False)
@@ -864,6 +1217,13 @@ class Broker:
         conn.state = _State.CLOSED
         conn.deadline = None
         del self._conns[conn.conn_id]
+        if conn.held:
+            # Unsent acknowledgements die with the connection: the client resends those PUBLISHes.
+            for entry in conn.held:
+                if entry.ticket:
+                    self._tickets.pop(entry.ticket, None)
+            conn.held = None
+            self._held_conns.discard(conn.conn_id)
         if tell_listener:
             self._closes.append(conn.conn_id)
         else:
@@ -919,16 +1279,19 @@ class Broker:
         for entry in session.subscriptions.values():
             self._router.remove(entry)
         session.subscriptions.clear()
-        self._persistence.delete_session(session.client_id)
+        if session.durable:
+            session.durable = False
+            self._journal.append(DeleteSession(session.client_id))
         will = self._delayed_wills.pop(session.client_id, None)
         if will is not None:
             self._publish_will(will[1], will[2], now)
 
     def _save_session(self, session: Session) -> None:
-        if session.expiry_interval_s != 0:
-            self._persistence.save_session(SessionSnapshot(
+        if session.durable:
+            expires_at = session.expires_at if session.conn_id is None else None
+            self._journal.append(SaveSession(SessionRecord(
                 session.client_id, session.protocol_level, session.expiry_interval_s,
-                tuple(session.subscriptions.values()), session.queued_deliveries()))
+                tuple(session.subscriptions.values()), expires_at)))
 
     # ---------------------------------------------------------------- output and timers
 

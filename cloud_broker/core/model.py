@@ -46,6 +46,30 @@ class ClientInfo:
     username: str | None
     peer: str
     protocol_level: int
+    # Identity the transport vouched for (the verified TLS client certificate's subject CN), if any.
+    cert_identity: str | None = None
+    role: str | None = None  # what the authenticator granted (e.g. "device", "operator"); None: anonymous
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    """One CONNECT's credentials, as handed to an authenticator (inline or on the owner's worker)."""
+
+    conn_id: int
+    client_id: str
+    username: str | None
+    password: bytes | None
+    peer: str
+    cert_identity: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """An authenticator's verdict: an MQTT 5 CONNACK reason code, and on success who the client is."""
+
+    reason_code: int
+    username: str | None = None  # replaces the CONNECT's user name (e.g. from a certificate)
+    role: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,66 +1,170 @@
-"""What the core hands to durable storage (retained messages, sessions), and an in-memory store.
+"""What the core asks durable storage to do (intents), what it restores from, and an in-memory store.
 
-The core calls these synchronously when state changes and reads everything back once at start
-(`Broker.restore`). A durable implementation (SQLite, later) must not block: it buffers the calls and
-commits them on its own thread. Offline queues and in-flight messages are saved when a session goes
-offline or ends, not per message; per-message durability comes with the SQLite store.
+Theory of operation. The core never calls storage. While it runs it appends intents (`SaveDelivery`,
+`DeleteDelivery`, `SaveSession`, ...) to a journal, in the order the state changed; the owner takes
+them with `Broker.drain_journal()` as one numbered batch, applies batches in order on a writer thread
+(`Persistence.apply`, one transaction per group of batches) and reports the highest committed batch
+back with `Broker.journal_committed()`. Acknowledgements that promise durability (PUBACK/PUBREC of a
+message that landed in a persistent session's queue, or in the retained store) are held by the core
+until their batch is committed. On start the owner loads a `StoredState` and hands it to
+`Broker.restore()`.
+
+Times inside intents and records are the core's monotonic seconds. A store that outlives the process
+translates them to wall-clock time with the offset it is given (wall = monotonic + offset), so a
+message's expiry and a detached session's expiry keep counting down across restarts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from cloud_broker.core.model import Message, StoredDelivery, SubscriptionEntry
 
 
 @dataclass(frozen=True, slots=True)
-class SessionSnapshot:
-    """A persistent session at rest: enough to resume it after a broker restart."""
+class SessionRecord:
+    """A persistent session's own state (its queue is stored per delivery, see `QueuedRecord`).
+
+    `expires_at` is set while the session is detached (monotonic seconds), None while attached or
+    when it never expires.
+    """
 
     client_id: str
     protocol_level: int
     expiry_interval_s: int
     subscriptions: tuple[SubscriptionEntry, ...]
-    queued: tuple[StoredDelivery, ...]  # in-flight first (redelivered with DUP), then the offline queue
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRecord:
+    """One delivery owed to a session. `seq` orders a session's deliveries; `packet_id` is set once
+    it went in flight (it is resent with the same id), `released` once a QoS 2 PUBREL went out."""
+
+    client_id: str
+    seq: int
+    delivery: StoredDelivery
+    packet_id: int | None = None
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    retained: tuple[Message, ...] = ()
+    sessions: tuple[SessionRecord, ...] = ()
+    deliveries: tuple[QueuedRecord, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------ intents
+
+
+@dataclass(frozen=True, slots=True)
+class SaveSession:
+    record: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSession:
+    """Forget the session and every delivery it was owed."""
+
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SaveDelivery:
+    client_id: str
+    seq: int
+    delivery: StoredDelivery
+    packet_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSent:
+    client_id: str
+    seq: int
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarkReleased:
+    client_id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteDelivery:
+    client_id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SaveRetained:
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRetained:
+    topic: str
+
+
+Intent = (SaveSession | DeleteSession | SaveDelivery | MarkSent | MarkReleased | DeleteDelivery
+          | SaveRetained | DeleteRetained)
 
 
 class Persistence(Protocol):
-    def save_retained(self, message: Message) -> None: ...
+    """Durable storage of the core's state. Called from one writer thread; `apply` returns once durable."""
 
-    def delete_retained(self, topic: str) -> None: ...
+    def apply(self, intents: Sequence[Intent], clock_offset_s: float) -> None: ...
 
-    def load_retained(self) -> Iterable[Message]: ...
+    def load(self, clock_offset_s: float) -> StoredState: ...
 
-    def save_session(self, snapshot: SessionSnapshot) -> None: ...
-
-    def delete_session(self, client_id: str) -> None: ...
-
-    def load_sessions(self) -> Iterable[SessionSnapshot]: ...
+    def close(self) -> None: ...
 
 
 class MemoryPersistence:
-    """Keeps everything in dicts: the default, and the reference for the persistence contract tests."""
+    """Applies intents to dicts: the non-durable mode's stand-in and the reference for store tests."""
 
     def __init__(self) -> None:
         self.retained: dict[str, Message] = {}
-        self.sessions: dict[str, SessionSnapshot] = {}
+        self.sessions: dict[str, SessionRecord] = {}
+        self.deliveries: dict[tuple[str, int], QueuedRecord] = {}
 
-    def save_retained(self, message: Message) -> None:
-        self.retained[message.topic] = message
+    def apply(self, intents: Sequence[Intent], clock_offset_s: float = 0.0) -> None:
+        for intent in intents:
+            apply_one(self, intent)
 
-    def delete_retained(self, topic: str) -> None:
-        self.retained.pop(topic, None)
+    def load(self, clock_offset_s: float = 0.0) -> StoredState:
+        deliveries = sorted(self.deliveries.values(), key=lambda r: (r.client_id, r.seq))
+        return StoredState(tuple(self.retained.values()), tuple(self.sessions.values()), tuple(deliveries))
 
-    def load_retained(self) -> Iterable[Message]:
-        return list(self.retained.values())
+    def close(self) -> None:
+        pass
 
-    def save_session(self, snapshot: SessionSnapshot) -> None:
-        self.sessions[snapshot.client_id] = snapshot
 
-    def delete_session(self, client_id: str) -> None:
-        self.sessions.pop(client_id, None)
-
-    def load_sessions(self) -> Iterable[SessionSnapshot]:
-        return list(self.sessions.values())
+def apply_one(store: MemoryPersistence, intent: Intent) -> None:
+    """The meaning of each intent, stated once over dicts (durable stores must agree with this)."""
+    if isinstance(intent, SaveDelivery):
+        store.deliveries[(intent.client_id, intent.seq)] = QueuedRecord(
+            intent.client_id, intent.seq, intent.delivery, intent.packet_id)
+    elif isinstance(intent, DeleteDelivery):
+        store.deliveries.pop((intent.client_id, intent.seq), None)
+    elif isinstance(intent, MarkSent):
+        found = store.deliveries.get((intent.client_id, intent.seq))
+        if found is not None:
+            store.deliveries[(intent.client_id, intent.seq)] = replace(found, packet_id=intent.packet_id)
+    elif isinstance(intent, MarkReleased):
+        found = store.deliveries.get((intent.client_id, intent.seq))
+        if found is not None:
+            store.deliveries[(intent.client_id, intent.seq)] = replace(found, released=True)
+    elif isinstance(intent, SaveSession):
+        store.sessions[intent.record.client_id] = intent.record
+    elif isinstance(intent, DeleteSession):
+        store.sessions.pop(intent.client_id, None)
+        for key in [k for k in store.deliveries if k[0] == intent.client_id]:
+            del store.deliveries[key]
+    elif isinstance(intent, SaveRetained):
+        store.retained[intent.message.topic] = intent.message
+    elif isinstance(intent, DeleteRetained):
+        store.retained.pop(intent.topic, None)

@@ -26,6 +26,8 @@ class Delivery:
     subscription_ids: tuple[int, ...] = ()
     # QoS 2 outbound: PUBREC received and PUBREL sent; only PUBCOMP is still awaited.
     released: bool = False
+    # Journal key within the session (0: not journaled, e.g. a QoS 0 message sent at once).
+    seq: int = 0
 
 
 class Session:
@@ -36,11 +38,13 @@ class Session:
         "client_id",
         "conn_id",
         "dropped_messages",
+        "durable",
         "expires_at",
         "expiry_interval_s",
         "inbound_qos2",
         "inflight",
         "max_queued",
+        "next_seq",
         "pending",
         "protocol_level",
         "subscriptions",
@@ -61,6 +65,10 @@ class Session:
         self.inbound_qos2: set[int] = set()
         self.dropped_messages = 0
         self._next_packet_id = 1
+        # Whether this session's state is journaled (the broker journals and the session outlives its
+        # connection); its deliveries then carry a `seq`.
+        self.durable = False
+        self.next_seq = 1
 
     def allocate_packet_id(self) -> int:
         """A packet id not in flight. Callers keep len(inflight) below 65535 (Receive Maximum does)."""
@@ -79,7 +87,7 @@ class Session:
         return True
 
     def queued_deliveries(self) -> tuple[StoredDelivery, ...]:
-        """In-flight then pending deliveries, for a snapshot."""
+        """In-flight then pending deliveries, as stored."""
         return tuple(
             StoredDelivery(d.message, d.qos, d.retain, d.subscription_ids)
             for d in (*self.inflight.values(), *self.pending)

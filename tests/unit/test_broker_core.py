@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cloud_broker.core.broker import Broker
-from cloud_broker.core.model import ClientInfo, Message
+from cloud_broker.core.model import AuthRequest, AuthResult, ClientInfo, Message
 from cloud_broker.core.persistence import MemoryPersistence
 from cloud_broker.core.settings import CoreSettings
 from uplink.mqtt.codec import Decoder, encode
@@ -48,8 +48,14 @@ class Client:
 class Rig:
     """Moves bytes between fake client endpoints and one Broker; time moves only when a test says so."""
 
-    def __init__(self, broker: Broker | None = None, **settings: object) -> None:
+    def __init__(self, broker: Broker | None = None, store: MemoryPersistence | None = None,
+                 **settings: object) -> None:
         self.broker = broker or Broker(CoreSettings(allow_anonymous=True, **settings))  # type: ignore[arg-type]
+        # With a store, the rig plays the server's writer: journal batches are applied, then committed
+        # at once unless `auto_commit` is off (then `commit()` does it).
+        self.store = store
+        self.auto_commit = True
+        self.applied_batch = 0
         self.now = 1000.0
         self._next = 0
         self.clients: dict[int, Client] = {}
@@ -85,7 +91,17 @@ class Rig:
         self.broker.handle_deadlines(self.now)
         self._pump()
 
+    def commit(self) -> None:
+        self.broker.journal_committed(self.applied_batch, self.now)
+        self._pump()
+
     def _pump(self) -> None:
+        if self.store is not None and self.broker.has_journal():
+            batch, intents = self.broker.drain_journal()
+            self.store.apply(intents)
+            self.applied_batch = batch
+            if self.auto_commit:
+                self.broker.journal_committed(batch, self.now)
         writes, closes = self.broker.drain()
         for conn_id, data in writes:
             c = self.clients[conn_id]
@@ -178,10 +194,10 @@ def test_anonymous_clients_are_refused_when_anonymous_access_is_off_and_no_authe
 
 
 class PasswordTable:
-    def authenticate(self, client_id: str, username: str | None, password: bytes | None, peer: str) -> int:
-        if (username, password) == ("op", b"secret"):
-            return ReasonCode.SUCCESS
-        return ReasonCode.BAD_USER_NAME_OR_PASSWORD
+    def authenticate(self, request: AuthRequest) -> AuthResult:
+        if (request.username, request.password) == ("op", b"secret"):
+            return AuthResult(ReasonCode.SUCCESS)
+        return AuthResult(ReasonCode.BAD_USER_NAME_OR_PASSWORD)
 
 
 def test_an_authenticator_decides_who_connects() -> None:
@@ -693,7 +709,7 @@ class FileSink:
     def __init__(self) -> None:
         self.seen: list[Message] = []
 
-    def on_publish(self, client: ClientInfo, message: Message) -> int | None:
+    def on_publish(self, client: ClientInfo, message: Message, ticket: int) -> int | None:
         if message.topic.startswith("$file/"):
             self.seen.append(message)
             return ReasonCode.SUCCESS
@@ -712,19 +728,21 @@ def test_a_message_hook_can_consume_messages_before_routing() -> None:
 
 def test_retained_messages_and_sessions_are_restored_from_persistence() -> None:
     store = MemoryPersistence()
-    first = Rig(Broker(CoreSettings(allow_anonymous=True), persistence=store))
+    first = Rig(Broker(CoreSettings(allow_anonymous=True), journal=True), store)
     s = first.connect("s", properties=Properties(session_expiry_interval=3600))
     sub(first, s, "t", qos=1)
     first.lose(s)
     p = first.connect("p")
     first.send(p, Publish("keep", b"r", retain=True))
-    # Messages queued while offline are saved when the session detaches; this one arrives after.
-    broker2 = Broker(CoreSettings(allow_anonymous=True), persistence=store)
-    broker2.restore(0.0)
-    second = Rig(broker2)
+    first.send(p, Publish("t", b"while-offline", qos=1, packet_id=1))
+    broker2 = Broker(CoreSettings(allow_anonymous=True), journal=True)
+    broker2.restore(store.load(), 0.0)
+    second = Rig(broker2, store)
     back = second.open()
     second.send(back, Connect("s", clean_start=False, properties=Properties(session_expiry_interval=3600)))
-    assert second.take(back)[0].session_present is True  # type: ignore[union-attr]
+    first_packets = second.take(back)
+    assert first_packets[0].session_present is True  # type: ignore[union-attr]
+    assert [m.payload for m in publishes(first_packets)] == [b"while-offline"]
     p2 = second.connect("p2")
     second.send(p2, Publish("t", b"after-restart"))
     assert [m.payload for m in publishes(second.take(back))] == [b"after-restart"]
