@@ -13,8 +13,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from store_forward.leases import LeaseBook, choose, split_settlement
 from store_forward.model import (
+    DEFAULT_LIVE_WINDOW_S,
     PRIORITY_COUNT,
     Batch,
+    Gap,
+    GapReason,
+    Lane,
     NewRecord,
     Priority,
     QueueStats,
@@ -23,7 +27,14 @@ from store_forward.model import (
     validate_lease_args,
     validate_new_records,
 )
-from store_forward.policy import Candidate, QueueBounds, plan_eviction
+from store_forward.policy import (
+    CAUSE_DISK_FULL,
+    Candidate,
+    QueueBounds,
+    live_cutoff_ns,
+    plan_eviction,
+    spans_of,
+)
 
 
 class MemoryQueue:
@@ -42,6 +53,8 @@ class MemoryQueue:
         self._acked_total = 0
         self._rejected_total = 0
         self._evicted_total = 0
+        self._gaps: dict[int, Gap] = {}
+        self._next_gap_id = 1
         self._closed = False
 
     def append(self, records: Sequence[NewRecord]) -> list[int]:
@@ -61,26 +74,31 @@ class MemoryQueue:
         self._appended_total += len(seqs)
         return seqs
 
-    def _drain_order(self) -> Iterator[tuple[int, int]]:
-        for lane in self._lanes:
-            for seq, rec in lane.items():
-                yield seq, len(rec.payload)
+    def _drain_order(self, lane: Lane, cutoff_ns: int) -> Iterator[tuple[int, int]]:
+        for records in self._lanes:
+            for seq, rec in records.items():
+                if lane is Lane.ANY or (rec.enqueued_ns >= cutoff_ns) == (lane is Lane.LIVE):
+                    yield seq, len(rec.payload)
 
     def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
-              lease_s: float = 60.0) -> Batch:
+              lease_s: float = 60.0, lane: Lane = Lane.ANY,
+              live_window_s: float = DEFAULT_LIVE_WINDOW_S) -> Batch:
         self._check_open()
-        validate_lease_args(max_items, max_bytes, lease_s)
+        validate_lease_args(max_items, max_bytes, lease_s, lane, live_window_s)
         self._book.observe(now_s)
-        seqs = choose(self._drain_order(), self._book, now_s, max_items, max_bytes)
+        cutoff_ns = live_cutoff_ns(self._clock_ns(), live_window_s)
+        seqs = choose(self._drain_order(lane, cutoff_ns), self._book, now_s, max_items, max_bytes)
         if not seqs:
-            return Batch(0, (), self.generation, now_s)
+            return Batch(0, (), self.generation, now_s, lane is Lane.BACKLOG)
         lease_id, expires_s = self._book.grant(seqs, now_s, lease_s)
         out = []
         for seq in seqs:
             rec = self._lanes[self._where[seq]][seq]
             out.append(StoredRecord(rec.generation, seq, rec.kind, rec.payload, rec.ts_ns, rec.priority,
                                     rec.enqueued_ns, self._book.attempts(seq)))
-        return Batch(lease_id, tuple(out), self.generation, expires_s)
+        historical = lane is Lane.BACKLOG or (
+            lane is Lane.ANY and any(r.enqueued_ns < cutoff_ns for r in out))
+        return Batch(lease_id, tuple(out), self.generation, expires_s, historical)
 
     def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None:
         self._check_open()
@@ -121,9 +139,10 @@ class MemoryQueue:
             depth_by_priority=tuple(len(lane) for lane in self._lanes),
             appended_bytes_total=self._appended_bytes_total,
             evicted_total=self._evicted_total,
+            gaps_pending=len(self._gaps),
         )
 
-    def evict(self, bounds: QueueBounds, now_s: float) -> int:
+    def evict(self, bounds: QueueBounds, now_s: float, *, free_bytes: int = 0) -> int:
         self._check_open()
         self._book.observe(now_s)
         book = self._book
@@ -132,12 +151,33 @@ class MemoryQueue:
              for seq, r in self._lanes[p].items())
             for p in bounds.eviction_order()
         )
-        victims = plan_eviction(lanes, depth=len(self._where), size_bytes=self._bytes,
-                                now_ns=self._clock_ns(), bounds=bounds)
-        n = self._delete(victims)
-        self._book.forget(victims)
+        # Memory has no disk floor of its own: min_free_disk_bytes is a SQLite concern.
+        now_ns = self._clock_ns()
+        victims = plan_eviction(lanes, depth=len(self._where), size_bytes=self._bytes, now_ns=now_ns,
+                                bounds=bounds, deficit_bytes=free_bytes, deficit_cause=CAUSE_DISK_FULL)
+        seqs = [v.seq for v in victims]
+        n = self._delete(seqs)
+        self._book.forget(seqs)
         self._evicted_total += n
+        for span in spans_of(victims):
+            self._add_gap(span.first_seq, span.last_seq, span.priority, GapReason.EVICTED, span.cause,
+                          span.count, now_ns)
         return n
+
+    def _add_gap(self, first_seq: int, last_seq: int, priority: Priority | None, reason: GapReason,
+                 detail: str, count: int, now_ns: int, generation: str | None = None) -> None:
+        gap_id = self._next_gap_id
+        self._next_gap_id += 1
+        self._gaps[gap_id] = Gap(gap_id, generation or self.generation, first_seq, last_seq, priority,
+                                 reason, detail, count, now_ns)
+
+    def pending_gaps(self, limit: int = 100) -> list[Gap]:
+        self._check_open()
+        return list(self._gaps.values())[:limit]
+
+    def settle_gap(self, gap_id: int) -> None:
+        self._check_open()
+        self._gaps.pop(gap_id, None)
 
     def checkpoint(self) -> None:
         self._check_open()

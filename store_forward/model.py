@@ -12,13 +12,20 @@ Contract shared by every implementation (SQLite, memory, and the async facade in
   only: after a restart every unsettled record can be leased again (at-least-once delivery).
 - `settle` deletes acked and rejected records durably (rejected ones are counted apart) and releases
   the batch's other records for the next lease.
+- Lanes: a record is *live* while its enqueue time is within `live_window_s` of the store clock, else it
+  is *backlog*. `lease(lane=LIVE)` serves only live records, `lease(lane=BACKLOG)` only backlog records
+  (and marks the batch `historical`), `lease(lane=ANY)` both; each in drain order. The facade's
+  `lease_next` combines them: live first, then backlog within a byte-rate budget.
+- Gaps: whatever the store drops without delivering (eviction by policy, rows lost to corruption) is
+  recorded durably, in the same transaction as the delete, as `Gap` ranges; `pending_gaps` lists them
+  until `settle_gap` says they were announced upstream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -36,6 +43,43 @@ class Priority(IntEnum):
 
 
 PRIORITY_COUNT = len(Priority)
+DEFAULT_LIVE_WINDOW_S = 60.0
+
+
+class Lane(StrEnum):
+    """Which records a lease may take: live (recent), backlog (older: delivered as historical), or any."""
+
+    ANY = "any"
+    LIVE = "live"
+    BACKLOG = "backlog"
+
+
+class GapReason(StrEnum):
+    """Why seqs will never be delivered: dropped on purpose by the bounds policy, or lost to damage."""
+
+    EVICTED = "evicted"
+    LOST = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """`count` records of `priority` (None: unknown, e.g. unreadable rows) with seqs in
+    `first_seq..last_seq` (inclusive) of `generation` were dropped and will never be delivered.
+
+    Seqs are global across priorities, so the range may also hold records of other priorities or of the
+    same priority that were kept (thinning drops every other one): the cloud should expect exactly
+    `count` of its missing seqs in the range to be explained by this gap. `detail` names the bound that
+    caused it (`max_records`, `max_bytes`, `max_age`, `disk_floor`, `disk_full`) or the damage found."""
+
+    gap_id: int
+    generation: str
+    first_seq: int
+    last_seq: int
+    priority: Priority | None
+    reason: GapReason
+    detail: str
+    count: int
+    recorded_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +117,8 @@ class Batch:
     records: tuple[StoredRecord, ...]
     generation: str
     expires_s: float
+    historical: bool = False  # backlog records (older than the live window): the cloud must not treat
+    # them as current values (no live alarms from them), only as history to fill in.
 
     @property
     def seqs(self) -> tuple[int, ...]:
@@ -91,7 +137,13 @@ class QueueStats:
     `leased` counts records held by leases that were neither settled nor expired (expiry judged at the
     latest `now_s` the queue saw). Totals count since the store was created (SQLite) or opened (memory).
     `appended_bytes_total` is the payload bytes ever appended: a cheap proxy for flash wear.
-    `evicted_total` counts records deleted by `evict` (bounds), not delivered: gaps the cloud will see."""
+    `evicted_total` counts records deleted by `evict` (bounds), not delivered: gaps the cloud will see.
+    `gaps_pending` counts `Gap` rows not yet settled (announced upstream).
+    Flash wear, since this instance opened the store: `written_bytes` is what reached the storage layer
+    (`written_source` "proc": /proc/self/io write_bytes of this process; "files": growth of the DB and
+    WAL files, a lower bound; "none": not measured, e.g. memory), `write_amplification` is that divided
+    by the payload bytes appended since opening (None until something was appended), and
+    `written_bytes_per_hour` extrapolates the rate since opening."""
 
     generation: str
     depth: int
@@ -106,6 +158,11 @@ class QueueStats:
     depth_by_priority: tuple[int, ...]
     appended_bytes_total: int
     evicted_total: int
+    gaps_pending: int = 0
+    written_bytes: int = 0
+    written_source: str = "none"
+    write_amplification: float | None = None
+    written_bytes_per_hour: float | None = None
 
 
 class Queue(Protocol):
@@ -114,14 +171,24 @@ class Queue(Protocol):
     def append(self, records: Sequence[NewRecord]) -> list[int]: ...
 
     def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
-              lease_s: float = 60.0) -> Batch: ...
+              lease_s: float = 60.0, lane: Lane = Lane.ANY,
+              live_window_s: float = DEFAULT_LIVE_WINDOW_S) -> Batch: ...
 
     def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None: ...
 
     def stats(self) -> QueueStats: ...
 
-    def evict(self, bounds: QueueBounds, now_s: float) -> int:
-        """Delete records (see `policy.plan_eviction`) until the queue fits bounds; returns how many."""
+    def evict(self, bounds: QueueBounds, now_s: float, *, free_bytes: int = 0) -> int:
+        """Delete records (see `policy.plan_eviction`) until the queue fits bounds, plus `free_bytes` of
+        payload when the disk is full; record them as gaps in the same step; returns how many."""
+        ...
+
+    def pending_gaps(self, limit: int = 100) -> list[Gap]:
+        """Unsettled gaps, oldest first."""
+        ...
+
+    def settle_gap(self, gap_id: int) -> None:
+        """The gap was announced upstream: forget it durably. Unknown ids are ignored (idempotent)."""
         ...
 
     def checkpoint(self) -> None:
@@ -138,6 +205,11 @@ class StoreError(Exception):
 class StoreCorrupt(StoreError):
     """The database is unreadable, damaged, foreign or from a newer schema: stop and salvage or replace
     it (operator action); retrying will not help."""
+
+
+class StoreForeign(StoreCorrupt):
+    """The file is not a fieldgate queue, or is from a newer schema: a configuration or upgrade problem,
+    not damage. Never salvaged automatically (it may be someone else's data); fix the path or upgrade."""
 
 
 class StoreBusy(StoreError):
@@ -174,10 +246,15 @@ def validate_new_records(records: Sequence[NewRecord]) -> None:
             raise TypeError(f"records[{i}].priority: must be a Priority, got {r.priority!r}")
 
 
-def validate_lease_args(max_items: int, max_bytes: int | None, lease_s: float) -> None:
+def validate_lease_args(max_items: int, max_bytes: int | None, lease_s: float,
+                        lane: Lane = Lane.ANY, live_window_s: float = DEFAULT_LIVE_WINDOW_S) -> None:
     if max_items < 0:
         raise ValueError("max_items must be >= 0")
     if max_bytes is not None and max_bytes < 0:
         raise ValueError("max_bytes must be >= 0 or None")
     if not lease_s > 0:
         raise ValueError("lease_s must be > 0")
+    if not isinstance(lane, Lane):
+        raise TypeError(f"lane must be a Lane, got {lane!r}")
+    if not live_window_s >= 0:
+        raise ValueError("live_window_s must be >= 0")

@@ -20,6 +20,23 @@ backstop the queue checkpoints by itself after roughly `wal_checkpoint_bytes` of
 many commits into one checkpoint also writes each hot page (counters row, index tail) to the database
 file once instead of once per commit. `journal_size_limit` truncates a WAL that a burst made large.
 
+Lanes. A record is live while its `enqueued_ns` is within the live window of the store clock. The
+boundary is found by binary search over seq (the primary key), which assumes enqueue times grow with
+seq; after a wall-clock step back, records enqueued around the step may land in the other lane (they
+are still delivered, only the `historical` mark may be off). Each lane is then read per priority as a
+range of the covering drain index, so a live lease does not walk a million-record backlog.
+
+Gaps. `evict` deletes its victims and inserts their `gaps` rows in the same transaction, so a crash can
+never leave a silent hole; `settle_gap` deletes a row once the forwarder announced it upstream.
+
+Integrity. The constructor runs `PRAGMA quick_check` by default (O(file) reads, no index cross-checks),
+`integrity_check` when asked for "full", or nothing ("off"). Damage raises `StoreCorrupt`, which
+`salvage.open_store` turns into quarantine + salvage; a foreign or newer file raises `StoreForeign`.
+
+Flash wear. `stats()` reports the bytes this process wrote to storage since the store opened (from
+/proc/self/io `write_bytes`, or the growth of the DB and WAL files when that is unavailable or zero,
+e.g. on tmpfs), their ratio to payload bytes appended (write amplification) and an hourly rate.
+
 Leases live in memory (`leases.LeaseBook`); the database never records them, so after a crash every
 unsettled record is leaseable again. One process may open the store for writing at a time: an
 exclusive `flock` on the file enforces it (`StoreBusy`). Read-only inspection (`open_readonly`) takes
@@ -43,8 +60,12 @@ from typing import Literal
 
 from store_forward.leases import LeaseBook, choose, split_settlement
 from store_forward.model import (
+    DEFAULT_LIVE_WINDOW_S,
     PRIORITY_COUNT,
     Batch,
+    Gap,
+    GapReason,
+    Lane,
     NewRecord,
     Priority,
     QueueStats,
@@ -53,16 +74,28 @@ from store_forward.model import (
     StoreCorrupt,
     StoredRecord,
     StoreError,
+    StoreForeign,
     StoreFull,
     StoreIOError,
     validate_lease_args,
     validate_new_records,
 )
-from store_forward.policy import Candidate, QueueBounds, plan_eviction
+from store_forward.policy import (
+    CAUSE_DISK_FLOOR,
+    CAUSE_DISK_FULL,
+    Candidate,
+    QueueBounds,
+    disk_deficit_bytes,
+    live_cutoff_ns,
+    plan_eviction,
+    spans_of,
+)
+
+Integrity = Literal["off", "quick", "full"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: gaps table
 APPLICATION_ID = 0x46475146  # "FGQF": marks the file as a fieldgate queue in the SQLite header
 PAGE_SIZE = 4096
 WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
@@ -70,6 +103,18 @@ JOURNAL_SIZE_LIMIT_BYTES = 8 * 1024 * 1024
 BUSY_TIMEOUT_MS = 5000
 _IN_CHUNK = 500  # stays below SQLITE_MAX_VARIABLE_NUMBER on old builds (999)
 
+# Schema 2 adds the gaps table; a version 1 store gets it on open (see `_migrate`).
+_DDL_V2 = (
+    # priority NULL: unknown (rows that could not be read). reason: 'evicted' | 'lost'. AUTOINCREMENT:
+    # a gap id is never reused, so a late settle_gap can not delete a newer gap.
+    "CREATE TABLE IF NOT EXISTS gaps ("
+    " gap_id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " generation TEXT NOT NULL,"
+    " first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,"
+    " priority INTEGER CHECK (priority IS NULL OR priority BETWEEN 0 AND 4),"
+    " reason TEXT NOT NULL, detail TEXT NOT NULL, count INTEGER NOT NULL,"
+    " recorded_ns INTEGER NOT NULL)",
+)
 _DDL = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE counters ("
@@ -93,6 +138,7 @@ _DDL = (
     # Covering index for lease: walks drain order and sizes without touching row (payload) pages, so
     # skipping records already under lease costs index entries only.
     "CREATE INDEX records_drain ON records (priority, seq, payload_size)",
+    *_DDL_V2,
 )
 _COUNTER_COLUMNS = (
     "next_seq, appended_total, appended_bytes_total, acked_total, rejected_total, evicted_total, "
@@ -111,7 +157,17 @@ _SQL_INSERT_RECORD = (
 )
 _SQL_DELETE_RECORD = "DELETE FROM records WHERE seq = ?"
 _SQL_LANE_OLDEST_FIRST = "SELECT seq, payload_size, enqueued_ns FROM records WHERE priority = ? ORDER BY seq"
-_SQL_DRAIN_ORDER = "SELECT seq, payload_size FROM records ORDER BY priority, seq"
+_SQL_LANE_RANGE = ("SELECT seq, payload_size FROM records WHERE priority = ? AND seq >= ? AND seq < ?"
+                   " ORDER BY seq")
+_SQL_FIRST_AT_OR_AFTER = "SELECT seq, enqueued_ns FROM records WHERE seq >= ? ORDER BY seq LIMIT 1"
+_SQL_INSERT_GAP = (
+    "INSERT INTO gaps (generation, first_seq, last_seq, priority, reason, detail, count, recorded_ns)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_SELECT_GAPS = (
+    "SELECT gap_id, generation, first_seq, last_seq, priority, reason, detail, count, recorded_ns"
+    " FROM gaps ORDER BY gap_id LIMIT ?"
+)
 _SQL_ROW_COLUMNS = "seq, kind, payload, ts_ns, priority, enqueued_ns"
 _SQL_RECOUNT = "SELECT priority, count(*), coalesce(sum(payload_size), 0) FROM records GROUP BY priority"
 # One row of _SQL_ROW_COLUMNS: seq, kind, payload, ts_ns, priority, enqueued_ns.
@@ -177,15 +233,77 @@ def _new_generation() -> str:
     return secrets.token_hex(8)
 
 
+def _gap_of(row: Sequence[object]) -> Gap:
+    gap_id, generation, first, last, prio, reason, detail, count, recorded_ns = row
+    assert isinstance(prio, int | None)
+    return Gap(int(str(gap_id)), str(generation), int(str(first)), int(str(last)),
+               None if prio is None else Priority(prio), GapReason(str(reason)), str(detail),
+               int(str(count)), int(str(recorded_ns)))
+
+
+def _proc_write_bytes() -> int | None:
+    """This process's bytes sent to the storage layer (/proc/self/io), None where Linux does not say."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    return int(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _files_bytes(path: str) -> int:
+    total = 0
+    for name in (path, path + "-wal"):
+        with contextlib.suppress(FileNotFoundError):
+            total += os.path.getsize(name)
+    return total
+
+
+class _WearMeter:
+    """Flash-wear counters since the store was opened (see the module docstring, "Flash wear")."""
+
+    def __init__(self, path: str, appended_bytes_total: int, now_ns: int) -> None:
+        self._path = path
+        self._proc0 = _proc_write_bytes()
+        self._files0 = _files_bytes(path)
+        self._files_max = self._files0
+        self._appended0 = appended_bytes_total
+        self._t0_ns = now_ns
+
+    def read(self, appended_bytes_total: int, now_ns: int) -> tuple[int, str, float | None, float | None]:
+        """(written_bytes, written_source, write_amplification, written_bytes_per_hour)."""
+        proc = _proc_write_bytes()
+        # The WAL shrinks when a checkpoint truncates it: the high-water mark is the better lower bound.
+        self._files_max = max(self._files_max, _files_bytes(self._path))
+        files_delta = self._files_max - self._files0
+        proc_delta = None if proc is None or self._proc0 is None else proc - self._proc0
+        if proc_delta:  # 0 on file systems with no block layer (tmpfs): fall back to file growth
+            written, source = proc_delta, "proc"
+        else:
+            written, source = files_delta, "files"
+        payload = appended_bytes_total - self._appended0
+        hours = (now_ns - self._t0_ns) / 3.6e12
+        return (written, source, written / payload if payload > 0 else None,
+                written / hours if hours > 0 else None)
+
+
 class SqliteQueue:
     """The durable `Queue`. Not thread-safe: one thread (the facade's writer) owns an instance."""
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: Literal["FULL", "NORMAL"] = "FULL",
                  clock_ns: Callable[[], int] = time.time_ns,
-                 wal_checkpoint_bytes: int = WAL_CHECKPOINT_BYTES, integrity_check: bool = False) -> None:
+                 wal_checkpoint_bytes: int = WAL_CHECKPOINT_BYTES, integrity: Integrity = "quick",
+                 generation: str | None = None) -> None:
+        """Open or create the store. `generation` fixes the id of a store created now (salvage uses it
+        to report the new generation); it is ignored for an existing store."""
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        if integrity not in ("off", "quick", "full"):
+            raise ValueError("integrity must be 'off', 'quick' or 'full'")
         self.path = os.fspath(path)
+        self._new_generation = generation
         self._clock_ns = clock_ns
         self._wal_checkpoint_bytes = wal_checkpoint_bytes
         self._wal_bytes_since_checkpoint = 0
@@ -194,7 +312,8 @@ class SqliteQueue:
         self._lock_fd = self._take_writer_lock()
         try:
             self._conn = self._connect()
-            self._prepare(synchronous, integrity_check)
+            self._prepare(synchronous, integrity)
+            self._wear = _WearMeter(self.path, self._counters.appended_bytes_total, self._clock_ns())
         except BaseException:
             self._release()
             raise
@@ -224,7 +343,7 @@ class SqliteQueue:
             # taken at the start of each transaction and nothing commits implicitly.
             return sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
 
-    def _prepare(self, synchronous: str, integrity_check: bool) -> None:
+    def _prepare(self, synchronous: str, integrity: Integrity) -> None:
         conn = self._db()
         with _translate(self.path, "read header"):
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -232,7 +351,7 @@ class SqliteQueue:
         if n_objects == 0:
             self._create(conn)
         elif app_id != APPLICATION_ID:
-            raise StoreCorrupt(f"{self.path}: not a fieldgate queue (application_id {app_id:#x}); "
+            raise StoreForeign(f"{self.path}: not a fieldgate queue (application_id {app_id:#x}); "
                                "refusing to touch a foreign database")
         with _translate(self.path, "configure"):
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -242,12 +361,14 @@ class SqliteQueue:
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
             conn.execute("PRAGMA temp_store = MEMORY")
-        if integrity_check:
-            with _translate(self.path, "quick_check"):
-                problems = [r[0] for r in conn.execute("PRAGMA quick_check(10)")]
+        if integrity != "off":
+            pragma = "quick_check" if integrity == "quick" else "integrity_check"
+            with _translate(self.path, pragma):
+                problems = [r[0] for r in conn.execute(f"PRAGMA {pragma}(10)")]
             if problems != ["ok"]:
-                raise StoreCorrupt(f"{self.path}: quick_check failed: {'; '.join(problems)}")
+                raise StoreCorrupt(f"{self.path}: {pragma} failed: {'; '.join(problems)}")
         self._load(conn)
+        self._migrate(conn)
 
     def _create(self, conn: sqlite3.Connection) -> None:
         with _translate(self.path, "create schema"):
@@ -260,7 +381,7 @@ class SqliteQueue:
                     conn.execute(stmt)
                 conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
                     ("schema_version", str(SCHEMA_VERSION)),
-                    ("generation", _new_generation()),
+                    ("generation", self._new_generation or _new_generation()),
                     ("created_ns", str(self._clock_ns())),
                 ])
                 conn.execute(_SQL_INSERT_COUNTERS, _Counters.fresh().as_row())
@@ -285,7 +406,7 @@ class SqliteQueue:
         except (KeyError, ValueError) as e:
             raise StoreCorrupt(f"{self.path}: meta table lacks a valid schema_version/generation") from e
         if version > SCHEMA_VERSION:
-            raise StoreCorrupt(f"{self.path}: schema_version {version} is newer than this agent's "
+            raise StoreForeign(f"{self.path}: schema_version {version} is newer than this agent's "
                                f"{SCHEMA_VERSION}; upgrade the agent or move the file aside")
         if row is None:
             raise StoreCorrupt(f"{self.path}: counters row is missing")
@@ -296,22 +417,40 @@ class SqliteQueue:
         self.generation: str = generation
         self.schema_version = version
         self._counters = counters
+        self._live_hint: tuple[int, int] | None = None  # (cutoff_ns, floor seq) of the last lane lookup
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring an older schema up to date in one transaction (the version is bumped in it too)."""
+        if self.schema_version >= SCHEMA_VERSION:
+            return
+        with _translate(self.path, f"migrate schema {self.schema_version} -> {SCHEMA_VERSION}"), \
+                self._transaction(conn):
+            for stmt in _DDL_V2:
+                conn.execute(stmt)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        self.schema_version = SCHEMA_VERSION
 
     # -- the Queue contract --------------------------------------------------------------------------
 
     def append(self, records: Sequence[NewRecord]) -> list[int]:
-        conn = self._db()
         validate_new_records(records)
+        return self._append(records, None)
+
+    def _append(self, records: Sequence[NewRecord], enqueued: Sequence[int] | None) -> list[int]:
+        """Insert records; `enqueued` gives each one's enqueue time (salvage keeps the original ones),
+        None stamps them all with the clock now."""
+        conn = self._db()
         if not records:
             return []
         c = self._counters
-        enqueued_ns = self._clock_ns()
+        now_ns = self._clock_ns()
+        enqueued_of = enqueued if enqueued is not None else [now_ns] * len(records)
         first = c.next_seq
         seqs = list(range(first, first + len(records)))
         depth, size = list(c.depth), list(c.bytes)
         total_bytes = 0
         rows = []
-        for seq, r in zip(seqs, records, strict=True):
+        for seq, r, enqueued_ns in zip(seqs, records, enqueued_of, strict=True):
             n = len(r.payload)
             rows.append((seq, int(r.priority), r.kind, r.ts_ns, enqueued_ns, n, r.payload))
             depth[r.priority] += 1
@@ -329,26 +468,56 @@ class SqliteQueue:
         return seqs
 
     def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
-              lease_s: float = 60.0) -> Batch:
+              lease_s: float = 60.0, lane: Lane = Lane.ANY,
+              live_window_s: float = DEFAULT_LIVE_WINDOW_S) -> Batch:
         conn = self._db()
-        validate_lease_args(max_items, max_bytes, lease_s)
+        validate_lease_args(max_items, max_bytes, lease_s, lane, live_window_s)
         self._book.observe(now_s)
+        cutoff_ns = live_cutoff_ns(self._clock_ns(), live_window_s)
         with _translate(self.path, "lease"):
-            cur = conn.execute(_SQL_DRAIN_ORDER)
-            try:
-                seqs = choose(cur, self._book, now_s, max_items, max_bytes)
-            finally:
-                cur.close()
+            lo, hi = 1, self._counters.next_seq
+            if lane is not Lane.ANY:
+                floor = self._live_floor(conn, cutoff_ns)
+                lo, hi = (floor, hi) if lane is Lane.LIVE else (lo, floor)
+            seqs = choose(self._lane_order(conn, lo, hi), self._book, now_s, max_items, max_bytes)
             rows = self._fetch(conn, seqs)
         if not seqs:
-            return Batch(0, (), self.generation, now_s)
+            return Batch(0, (), self.generation, now_s, lane is Lane.BACKLOG)
         lease_id, expires_s = self._book.grant(seqs, now_s, lease_s)
         records = tuple(
             StoredRecord(self.generation, seq, kind, bytes(payload), ts_ns, Priority(prio), enq_ns,
                          self._book.attempts(seq))
             for seq, kind, payload, ts_ns, prio, enq_ns in (rows[s] for s in seqs)
         )
-        return Batch(lease_id, records, self.generation, expires_s)
+        historical = lane is Lane.BACKLOG or (
+            lane is Lane.ANY and any(r.enqueued_ns < cutoff_ns for r in records))
+        return Batch(lease_id, records, self.generation, expires_s, historical)
+
+    @staticmethod
+    def _lane_order(conn: sqlite3.Connection, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+        """(seq, payload_size) with lo <= seq < hi in drain order: one index range per priority."""
+        for p in Priority:
+            cur = conn.execute(_SQL_LANE_RANGE, (int(p), lo, hi))
+            try:
+                yield from cur
+            finally:
+                cur.close()
+
+    def _live_floor(self, conn: sqlite3.Connection, cutoff_ns: int) -> int:
+        """The lowest seq of the live lane: binary search for the first stored row enqueued at or after
+        `cutoff_ns`. Starts from the last answer when the cutoff only moved forward (it usually did)."""
+        lo, hi = 1, self._counters.next_seq
+        if self._live_hint is not None and self._live_hint[0] <= cutoff_ns:
+            lo = min(self._live_hint[1], hi)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            row = conn.execute(_SQL_FIRST_AT_OR_AFTER, (mid,)).fetchone()
+            if row is None or row[0] >= hi or row[1] >= cutoff_ns:
+                hi = mid  # no row in mid..hi-1 is backlog: the floor is at or below mid
+            else:
+                lo = row[0] + 1
+        self._live_hint = (cutoff_ns, lo)
+        return lo
 
     def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None:
         conn = self._db()
@@ -382,7 +551,9 @@ class SqliteQueue:
         conn = self._db()
         with _translate(self.path, "stats"):
             row = conn.execute(_SQL_OLDEST_TS).fetchone()
+            gaps = int(conn.execute("SELECT count(*) FROM gaps").fetchone()[0])
         c = self._counters
+        written, source, amplification, per_hour = self._wear.read(c.appended_bytes_total, self._clock_ns())
         return QueueStats(
             generation=self.generation,
             depth=sum(c.depth),
@@ -397,14 +568,27 @@ class SqliteQueue:
             depth_by_priority=c.depth,
             appended_bytes_total=c.appended_bytes_total,
             evicted_total=c.evicted_total,
+            gaps_pending=gaps,
+            written_bytes=written,
+            written_source=source,
+            write_amplification=amplification,
+            written_bytes_per_hour=per_hour,
         )
 
-    def evict(self, bounds: QueueBounds, now_s: float) -> int:
-        """Delete what `policy.plan_eviction` selects, in one transaction; returns the number deleted."""
+    def evict(self, bounds: QueueBounds, now_s: float, *, free_bytes: int = 0) -> int:
+        """Delete what `policy.plan_eviction` selects and record it as gaps, in one transaction; returns
+        the number deleted. `free_bytes` asks for that many payload bytes more (the disk is full)."""
         conn = self._db()
         self._book.observe(now_s)
         c = self._counters
         now_ns = self._clock_ns()
+        deficit, cause = free_bytes, CAUSE_DISK_FULL
+        if bounds.min_free_disk_bytes is not None:
+            floor_deficit = disk_deficit_bytes(bounds, fs_free_bytes=self._fs_free_bytes(),
+                                               db_free_bytes=self._db_free_bytes(conn))
+            if floor_deficit > 0 and free_bytes == 0:
+                cause = CAUSE_DISK_FLOOR
+            deficit += floor_deficit
         with _translate(self.path, "evict"), self._transaction(conn):
             lanes = (
                 (Candidate(seq, p, size, enq_ns, not self._book.is_free(seq, now_s))
@@ -412,21 +596,60 @@ class SqliteQueue:
                 for p in bounds.eviction_order()
             )
             victims = plan_eviction(lanes, depth=sum(c.depth), size_bytes=sum(c.bytes), now_ns=now_ns,
-                                    bounds=bounds)
+                                    bounds=bounds, deficit_bytes=deficit, deficit_cause=cause)
             if not victims:
                 return 0
-            rows = self._fetch_meta(conn, victims)
-            conn.executemany(_SQL_DELETE_RECORD, [(s,) for s in rows])
+            seqs = [v.seq for v in victims]
+            conn.executemany(_SQL_DELETE_RECORD, [(s,) for s in seqs])
             depth, size = list(c.depth), list(c.bytes)
-            for prio, n in rows.values():
-                depth[prio] -= 1
-                size[prio] -= n
-            new = replace(c, evicted_total=c.evicted_total + len(rows), depth=tuple(depth), bytes=tuple(size))
+            for v in victims:
+                depth[v.priority] -= 1
+                size[v.priority] -= v.size_bytes
+            conn.executemany(_SQL_INSERT_GAP, [
+                (self.generation, g.first_seq, g.last_seq, int(g.priority), GapReason.EVICTED.value, g.cause,
+                 g.count, now_ns)
+                for g in spans_of(victims)
+            ])
+            new = replace(c, evicted_total=c.evicted_total + len(victims), depth=tuple(depth),
+                          bytes=tuple(size))
             conn.execute(_SQL_UPDATE_COUNTERS, new.as_row())
         self._counters = new
-        self._after_write(PAGE_SIZE * (2 + len(victims) // 32))
-        self._book.forget(victims)
-        return len(rows)
+        self._after_write(PAGE_SIZE * (3 + len(victims) // 32))
+        self._book.forget(seqs)
+        return len(victims)
+
+    def _fs_free_bytes(self) -> int:
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError as e:
+            raise StoreIOError(f"{self.path}: statvfs failed: {e} (retry; stop if it persists)") from e
+        return st.f_bavail * st.f_frsize
+
+    def _db_free_bytes(self, conn: sqlite3.Connection) -> int:
+        with _translate(self.path, "freelist_count"):
+            return int(conn.execute("PRAGMA freelist_count").fetchone()[0]) * PAGE_SIZE
+
+    def pending_gaps(self, limit: int = 100) -> list[Gap]:
+        conn = self._db()
+        with _translate(self.path, "read gaps"):
+            rows = conn.execute(_SQL_SELECT_GAPS, (limit,)).fetchall()
+        return [_gap_of(row) for row in rows]
+
+    def settle_gap(self, gap_id: int) -> None:
+        conn = self._db()
+        with _translate(self.path, f"settle gap {gap_id}"), self._transaction(conn):
+            conn.execute("DELETE FROM gaps WHERE gap_id = ?", (gap_id,))
+        self._after_write(PAGE_SIZE * 2)
+
+    def record_gap(self, generation: str, first_seq: int, last_seq: int, priority: Priority | None,
+                   reason: GapReason, detail: str, count: int) -> None:
+        """Durably record a gap found outside eviction (salvage: rows of an old generation lost)."""
+        conn = self._db()
+        with _translate(self.path, "record gap"), self._transaction(conn):
+            conn.execute(_SQL_INSERT_GAP, (generation, first_seq, last_seq,
+                                           None if priority is None else int(priority), reason.value,
+                                           detail, count, self._clock_ns()))
+        self._after_write(PAGE_SIZE * 2)
 
     def checkpoint(self) -> None:
         """PASSIVE WAL checkpoint: copies committed pages into the database file without waiting for
@@ -496,18 +719,6 @@ class SqliteQueue:
             for row in conn.execute(f"SELECT {_SQL_ROW_COLUMNS} FROM records WHERE seq IN ({marks})", chunk):
                 rows[row[0]] = row
         return rows
-
-    @staticmethod
-    def _fetch_meta(conn: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, tuple[int, int]]:
-        """seq -> (priority, payload_size) for the seqs that exist."""
-        found: dict[int, tuple[int, int]] = {}
-        for i in range(0, len(seqs), _IN_CHUNK):
-            chunk = seqs[i:i + _IN_CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            for seq, prio, n in conn.execute(
-                    f"SELECT seq, priority, payload_size FROM records WHERE seq IN ({marks})", chunk):
-                found[seq] = (prio, n)
-        return found
 
     @staticmethod
     def _present(conn: sqlite3.Connection, seqs: Sequence[int]) -> set[int]:

@@ -14,12 +14,16 @@ from store_forward.sqlite import SqliteQueue
 
 
 class FakeClock:
+    """The store's wall clock (UTC ns), moved only by the test."""
+
     def __init__(self) -> None:
         self.ns = 1_700_000_000_000_000_000
 
     def __call__(self) -> int:
-        self.ns += 1_000
         return self.ns
+
+    def advance(self, seconds: float) -> None:
+        self.ns += int(seconds * 1e9)
 
 
 class Harness:
