@@ -63,8 +63,9 @@ def _nid(identifier: str, ns: int) -> ua.NodeId:
     return ua.NodeId(ua.String(identifier), ua.Int16(ns))
 
 
-def _data_value(value: Any, vtype: ua.VariantType, *, code: int = 0,
-                source_ts: dt.datetime | None = None) -> ua.DataValue:
+def _data_value(
+    value: Any, vtype: ua.VariantType, *, code: int = 0, source_ts: dt.datetime | None = None
+) -> ua.DataValue:
     dv = ua.DataValue(Value=ua.Variant(value, vtype), StatusCode=ua.StatusCode(ua.UInt32(code)))
     # asyncua annotates timestamps with its DateTime subclass; any aware datetime encodes the same.
     dv.SourceTimestamp = source_ts  # type: ignore[assignment]
@@ -80,8 +81,9 @@ class _PasswordUsers(UserManager):
         self.refused = 0  # logins turned away, so rigs can watch a client retrying
         self.refusal = asyncio.Event()  # set on each refusal (get_user runs on the server's loop)
 
-    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
-                 certificate: Any = None) -> User | None:
+    def get_user(
+        self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None
+    ) -> User | None:
         if username is not None and self._users.get(username) == password:
             return User(role=UserRole.User, name=username)
         self.refused += 1
@@ -104,10 +106,19 @@ class _Well:
 class OpcUaStation:
     """A gathering station OPC UA server on host:port; `start()`/`stop()` or `async with`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 4840, *, wells: int = 4,
-                 security: Sequence[str] = ("None",), users: Mapping[str, str] | None = None,
-                 cert_dir: str | Path | None = None, update_interval_s: float | None = 1.0,
-                 seed: int = 1, max_subscriptions: int | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 4840,
+        *,
+        wells: int = 4,
+        security: Sequence[str] = ("None",),
+        users: Mapping[str, str] | None = None,
+        cert_dir: str | Path | None = None,
+        update_interval_s: float | None = 1.0,
+        seed: int = 1,
+        max_subscriptions: int | None = None,
+    ) -> None:
         if not 1 <= wells <= 999:
             raise ValueError("wells must be in 1..999")
         unknown = set(security) - set(SECURITY_CHOICES)
@@ -176,8 +187,9 @@ class OpcUaStation:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.stop()
 
     async def start(self) -> None:
@@ -196,8 +208,14 @@ class OpcUaStation:
             if self._cert_dir is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="opcua-station-")
                 self._cert_dir = Path(self._tmp.name)
-            cert, key = await asyncio.to_thread(ensure_certificate, self._cert_dir, APPLICATION_URI,
-                                                self.host, server=True, common_name="fieldgate HIL station")
+            cert, key = await asyncio.to_thread(
+                ensure_certificate,
+                self._cert_dir,
+                APPLICATION_URI,
+                self.host,
+                server=True,
+                common_name="fieldgate HIL station",
+            )
             await server.load_certificate(str(cert))
             await server.load_private_key(str(key))
             self.server_certificate = cert
@@ -208,8 +226,9 @@ class OpcUaStation:
         await server.start()
         self._server = server
         if self._update_interval_s is not None:
-            self._task = asyncio.create_task(self._simulate(self._update_interval_s),
-                                             name=f"opcua-station:{self.port}:simulate")
+            self._task = asyncio.create_task(
+                self._simulate(self._update_interval_s), name=f"opcua-station:{self.port}:simulate"
+            )
 
     async def stop(self) -> None:
         """Stop simulating and listening; connected clients see the connection close."""
@@ -229,15 +248,20 @@ class OpcUaStation:
     async def _build(self, server: Server) -> None:
         ns = self._ns
         station = await server.nodes.objects.add_object(_nid("Station", ns), f"{ns}:GatheringStation")
-        await station.add_variable(_nid("Station.Heartbeat", ns), f"{ns}:Heartbeat",
-                                   ua.Variant(0, ua.VariantType.UInt32))
+        await station.add_variable(
+            _nid("Station.Heartbeat", ns), f"{ns}:Heartbeat", ua.Variant(0, ua.VariantType.UInt32)
+        )
         for well in range(1, self.wells + 1):
             name = self.well_name(well)
             obj = await station.add_object(_nid(name, ns), f"{ns}:{name}")
-            state = _Well(tubing_mpa=round(self._rng.uniform(1.5, 3.5), 3),
-                          casing_mpa=round(self._rng.uniform(2.5, 5.0), 3),
-                          temperature_c=round(self._rng.uniform(30.0, 60.0), 2),
-                          flow_m3d=0.0, running=True, setpoint_m3d=round(self._rng.uniform(20.0, 60.0), 1))
+            state = _Well(
+                tubing_mpa=round(self._rng.uniform(1.5, 3.5), 3),
+                casing_mpa=round(self._rng.uniform(2.5, 5.0), 3),
+                temperature_c=round(self._rng.uniform(30.0, 60.0), 2),
+                flow_m3d=0.0,
+                running=True,
+                setpoint_m3d=round(self._rng.uniform(20.0, 60.0), 1),
+            )
             state.flow_m3d = state.setpoint_m3d
             self._state[well] = state
             initial: dict[str, ua.Variant] = {
@@ -260,15 +284,23 @@ class OpcUaStation:
             raise RuntimeError("station is not started")
         return self._server
 
-    async def set_value(self, well: int, variable: str, value: float | bool | int, *,
-                        status: str | int = "Good", source_ts: dt.datetime | None = None) -> None:
+    async def set_value(
+        self,
+        well: int,
+        variable: str,
+        value: float | bool | int,
+        *,
+        status: str | int = "Good",
+        source_ts: dt.datetime | None = None,
+    ) -> None:
         """Set a variable as the device would: any StatusCode (name or number), optional timestamp."""
         server = self._server_or_raise()
         node = server.get_node(self.node_id(well, variable))
         vtype = await node.read_data_type_as_variant_type()
         code = getattr(StatusCodes, status) if isinstance(status, str) else status
         await server.write_attribute_value(
-            node.nodeid, _data_value(value, vtype, code=code, source_ts=source_ts or dt.datetime.now(dt.UTC)))
+            node.nodeid, _data_value(value, vtype, code=code, source_ts=source_ts or dt.datetime.now(dt.UTC))
+        )
 
     async def read_value(self, well: int, variable: str) -> Any:
         server = self._server_or_raise()
@@ -282,7 +314,8 @@ class OpcUaStation:
             now = dt.datetime.now(dt.UTC)
             await server.write_attribute_value(
                 _nid("Station.Heartbeat", self._ns),
-                _data_value(self._heartbeat, ua.VariantType.UInt32, source_ts=now))
+                _data_value(self._heartbeat, ua.VariantType.UInt32, source_ts=now),
+            )
             for well, s in self._state.items():
                 await self._step(server, well, s, now)
 
@@ -309,11 +342,13 @@ class OpcUaStation:
             ("FlowRate", round(s.flow_m3d, 2), ua.VariantType.Double),
             ("RunStatus", s.running, ua.VariantType.Boolean),
         ):
-            await server.write_attribute_value(_nid(f"{name}.{variable}", self._ns),
-                                               _data_value(value, vtype, source_ts=now))
+            await server.write_attribute_value(
+                _nid(f"{name}.{variable}", self._ns), _data_value(value, vtype, source_ts=now)
+            )
 
 
 # -- CLI ---------------------------------------------------------------------------------------
+
 
 def _user(text: str) -> tuple[str, str]:
     name, sep, password = text.partition(":")
@@ -327,10 +362,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=4840, help="TCP port (default 4840)")
     p.add_argument("--wells", type=int, default=4, help="wells in the station (default 4)")
-    p.add_argument("--security", action="append", choices=sorted(SECURITY_CHOICES),
-                   help="endpoint to offer; repeat for several (default: None only)")
-    p.add_argument("--user", action="append", type=_user, default=[], metavar="NAME:PASSWORD",
-                   help="admit this user (repeatable); disables anonymous access")
+    p.add_argument(
+        "--security",
+        action="append",
+        choices=sorted(SECURITY_CHOICES),
+        help="endpoint to offer; repeat for several (default: None only)",
+    )
+    p.add_argument(
+        "--user",
+        action="append",
+        type=_user,
+        default=[],
+        metavar="NAME:PASSWORD",
+        help="admit this user (repeatable); disables anonymous access",
+    )
     p.add_argument("--cert-dir", help="server certificate directory (default: a temp dir)")
     p.add_argument("--update-interval-s", type=float, default=1.0, help="simulation step (default 1 s)")
     p.add_argument("--seed", type=int, default=1, help="random seed of the simulation")
@@ -338,12 +383,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 async def main(args: argparse.Namespace) -> int:
-    station = OpcUaStation(args.host, args.port, wells=args.wells, security=args.security or ("None",),
-                           users=dict(args.user), cert_dir=args.cert_dir,
-                           update_interval_s=args.update_interval_s, seed=args.seed)
+    station = OpcUaStation(
+        args.host,
+        args.port,
+        wells=args.wells,
+        security=args.security or ("None",),
+        users=dict(args.user),
+        cert_dir=args.cert_dir,
+        update_interval_s=args.update_interval_s,
+        seed=args.seed,
+    )
     async with station:
-        print(f"opcua-station listening on {station.endpoint} (namespace {station.namespace_index}, "
-              f"{station.wells} wells)", flush=True)
+        print(
+            f"opcua-station listening on {station.endpoint} (namespace {station.namespace_index}, "
+            f"{station.wells} wells)",
+            flush=True,
+        )
         if station.server_certificate is not None:
             print(f"opcua-station server certificate: {station.server_certificate}", flush=True)
         await asyncio.Event().wait()  # until cancelled (Ctrl-C)

@@ -63,9 +63,15 @@ def _usable(cert_path: Path, key_path: Path, application_uri: str, now: dt.datet
     return cert.not_valid_after_utc - now > dt.timedelta(days=RENEW_BEFORE_DAYS)
 
 
-def ensure_certificate(cert_dir: str | Path, application_uri: str, hostname: str, *,
-                       server: bool = False, common_name: str = "fieldgate edge agent",
-                       now: dt.datetime | None = None) -> tuple[Path, Path]:
+def ensure_certificate(
+    cert_dir: str | Path,
+    application_uri: str,
+    hostname: str,
+    *,
+    server: bool = False,
+    common_name: str = "fieldgate edge agent",
+    now: dt.datetime | None = None,
+) -> tuple[Path, Path]:
     """(certificate DER path, private key PEM path) in cert_dir, generating them when missing or stale."""
     directory = Path(cert_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -77,10 +83,12 @@ def ensure_certificate(cert_dir: str | Path, application_uri: str, hostname: str
         return cert_path, key_path
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-    name = x509.Name([
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fieldgate"),
-    ])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fieldgate"),
+        ]
+    )
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
     cert = (
         x509.CertificateBuilder()
@@ -90,19 +98,39 @@ def ensure_certificate(cert_dir: str | Path, application_uri: str, hostname: str
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(days=1))  # tolerate a peer whose clock is a little behind
         .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.UniformResourceIdentifier(application_uri), x509.DNSName(hostname)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(application_uri), x509.DNSName(hostname)]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_encipherment=True,
-                                     data_encipherment=True, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=True,
+                key_encipherment=True,
+                data_encipherment=True,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     # Key first: a crash between the two writes leaves a key without a matching cert, which
     # `_usable` rejects, so the next start regenerates both instead of pairing mismatched files.
-    _write_atomic(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()), 0o600)
+    _write_atomic(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        0o600,
+    )
     _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.DER), 0o644)
     return cert_path, key_path

@@ -46,27 +46,49 @@ from drivers.opcua.config import OpcUaServer
 _log = logging.getLogger(__name__)
 
 # Service results that mean the session or channel itself is unusable, not just this one request.
-_LINK_CODES = frozenset({
-    StatusCodes.BadTimeout, StatusCodes.BadCommunicationError, StatusCodes.BadConnectionClosed,
-    StatusCodes.BadSecureChannelClosed, StatusCodes.BadSecureChannelIdInvalid,
-    StatusCodes.BadSessionClosed, StatusCodes.BadSessionIdInvalid, StatusCodes.BadSessionNotActivated,
-    StatusCodes.BadServerHalted, StatusCodes.BadShutdown, StatusCodes.BadNotConnected,
-    StatusCodes.BadServerNotConnected, StatusCodes.BadTcpEndpointUrlInvalid,
-    StatusCodes.BadIdentityTokenInvalid, StatusCodes.BadIdentityTokenRejected,
-    StatusCodes.BadUserAccessDenied, StatusCodes.BadCertificateInvalid,
-    StatusCodes.BadCertificateUntrusted, StatusCodes.BadSecurityChecksFailed,
-    StatusCodes.BadSecurityPolicyRejected, StatusCodes.BadTooManySessions,
-})
+_LINK_CODES = frozenset(
+    {
+        StatusCodes.BadTimeout,
+        StatusCodes.BadCommunicationError,
+        StatusCodes.BadConnectionClosed,
+        StatusCodes.BadSecureChannelClosed,
+        StatusCodes.BadSecureChannelIdInvalid,
+        StatusCodes.BadSessionClosed,
+        StatusCodes.BadSessionIdInvalid,
+        StatusCodes.BadSessionNotActivated,
+        StatusCodes.BadServerHalted,
+        StatusCodes.BadShutdown,
+        StatusCodes.BadNotConnected,
+        StatusCodes.BadServerNotConnected,
+        StatusCodes.BadTcpEndpointUrlInvalid,
+        StatusCodes.BadIdentityTokenInvalid,
+        StatusCodes.BadIdentityTokenRejected,
+        StatusCodes.BadUserAccessDenied,
+        StatusCodes.BadCertificateInvalid,
+        StatusCodes.BadCertificateUntrusted,
+        StatusCodes.BadSecurityChecksFailed,
+        StatusCodes.BadSecurityPolicyRejected,
+        StatusCodes.BadTooManySessions,
+    }
+)
 # A monitored item refused for its filter is retried without one; the driver then applies the deadband.
-FILTER_REFUSALS = frozenset({
-    "BadFilterNotAllowed", "BadMonitoredItemFilterUnsupported", "BadMonitoredItemFilterInvalid",
-    "BadDeadbandFilterInvalid",
-})
+FILTER_REFUSALS = frozenset(
+    {
+        "BadFilterNotAllowed",
+        "BadMonitoredItemFilterUnsupported",
+        "BadMonitoredItemFilterInvalid",
+        "BadDeadbandFilterInvalid",
+    }
+)
 _INT_RANGES = {
-    ua.VariantType.SByte: (-(2**7), 2**7 - 1), ua.VariantType.Byte: (0, 2**8 - 1),
-    ua.VariantType.Int16: (-(2**15), 2**15 - 1), ua.VariantType.UInt16: (0, 2**16 - 1),
-    ua.VariantType.Int32: (-(2**31), 2**31 - 1), ua.VariantType.UInt32: (0, 2**32 - 1),
-    ua.VariantType.Int64: (-(2**63), 2**63 - 1), ua.VariantType.UInt64: (0, 2**64 - 1),
+    ua.VariantType.SByte: (-(2**7), 2**7 - 1),
+    ua.VariantType.Byte: (0, 2**8 - 1),
+    ua.VariantType.Int16: (-(2**15), 2**15 - 1),
+    ua.VariantType.UInt16: (0, 2**16 - 1),
+    ua.VariantType.Int32: (-(2**31), 2**31 - 1),
+    ua.VariantType.UInt32: (0, 2**32 - 1),
+    ua.VariantType.Int64: (-(2**63), 2**63 - 1),
+    ua.VariantType.UInt64: (0, 2**64 - 1),
 }
 
 
@@ -257,8 +279,9 @@ class OpcUaLink:
         await self.connect()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def connect(self) -> None:
@@ -269,9 +292,12 @@ class OpcUaLink:
                     raise OpcUaConnectionError("BadSecurityChecksFailed", "no client certificate")
                 cert_path, key_path = self._cert
                 await self._client.set_security(
-                    _policy_class(cfg.security_policy), str(cert_path), str(key_path),
+                    _policy_class(cfg.security_policy),
+                    str(cert_path),
+                    str(key_path),
                     server_certificate=cfg.server_certificate,
-                    mode=getattr(ua.MessageSecurityMode, cfg.security_mode))
+                    mode=getattr(ua.MessageSecurityMode, cfg.security_mode),
+                )
             await self._client.connect(auto_reconnect=False)
 
     async def close(self) -> None:
@@ -331,13 +357,17 @@ class OpcUaLink:
             rel = ua.RelativePath()
             for ns, name in elements:
                 # asyncua annotates Boolean fields with a placeholder class; it encodes Python bools.
-                rel.Elements.append(ua.RelativePathElement(
-                    ReferenceTypeId=ua.NodeId(ua.Int32(ObjectIds.HierarchicalReferences)),
-                    IsInverse=False,  # type: ignore[arg-type]
-                    IncludeSubtypes=True,  # type: ignore[arg-type]
-                    TargetName=ua.QualifiedName(name, ns)))
-            browse_paths.append(ua.BrowsePath(
-                StartingNode=ua.NodeId(ua.Int32(ObjectIds.ObjectsFolder)), RelativePath=rel))
+                rel.Elements.append(
+                    ua.RelativePathElement(
+                        ReferenceTypeId=ua.NodeId(ua.Int32(ObjectIds.HierarchicalReferences)),
+                        IsInverse=False,  # type: ignore[arg-type]
+                        IncludeSubtypes=True,  # type: ignore[arg-type]
+                        TargetName=ua.QualifiedName(name, ns),
+                    )
+                )
+            browse_paths.append(
+                ua.BrowsePath(StartingNode=ua.NodeId(ua.Int32(ObjectIds.ObjectsFolder)), RelativePath=rel)
+            )
         with _translated():
             results = await self._client.uaclient.translate_browsepaths_to_nodeids(browse_paths)
         out: list[str | OpcUaError] = []
@@ -376,9 +406,10 @@ class OpcUaLink:
             params = ua.ReadParameters()
             params.MaxAge = 0
             params.TimestampsToReturn = ua.TimestampsToReturn.Both
-            for node_id in node_ids[start:start + step]:
-                params.NodesToRead.append(ua.ReadValueId(NodeId=self._node(node_id),
-                                                         AttributeId=AttributeIds.Value))
+            for node_id in node_ids[start : start + step]:
+                params.NodesToRead.append(
+                    ua.ReadValueId(NodeId=self._node(node_id), AttributeId=AttributeIds.Value)
+                )
             with _translated():
                 values = await self._client.uaclient.read(params)
             samples.extend(sample_of(dv) for dv in values)
@@ -410,8 +441,11 @@ class OpcUaLink:
 
     # -- subscription --------------------------------------------------------------------------
 
-    async def subscribe(self, publishing_interval_s: float, items: Sequence[MonitorSpec],
-                        ) -> dict[str, OpcUaError]:
+    async def subscribe(
+        self,
+        publishing_interval_s: float,
+        items: Sequence[MonitorSpec],
+    ) -> dict[str, OpcUaError]:
         """Create the subscription and its monitored items; returns the items the server refused.
 
         Raises OpcUaServiceError when the server refuses the subscription itself. An item refused
@@ -419,12 +453,14 @@ class OpcUaLink:
         FILTER_REFUSALS, so the caller knows to apply the deadband itself.
         """
         with _translated():
-            sub = await self._client.create_subscription(publishing_interval_s * 1000, handler=None,
-                                                         queue_maxsize=10_000)
+            sub = await self._client.create_subscription(
+                publishing_interval_s * 1000, handler=None, queue_maxsize=10_000
+            )
         self._subscription = sub
         refused = await self._create_items(sub, items, with_filter=True)
-        retry = [spec for spec in items
-                 if spec.key in refused and refused[spec.key].reason in FILTER_REFUSALS]
+        retry = [
+            spec for spec in items if spec.key in refused and refused[spec.key].reason in FILTER_REFUSALS
+        ]
         if retry:
             again = await self._create_items(sub, retry, with_filter=False)
             for spec in retry:
@@ -434,8 +470,9 @@ class OpcUaLink:
                     refused[spec.key] = OpcUaServiceError(refused[spec.key].reason, "deadband by client")
         return refused
 
-    async def _create_items(self, sub: Subscription, items: Sequence[MonitorSpec], *,
-                            with_filter: bool) -> dict[str, OpcUaError]:
+    async def _create_items(
+        self, sub: Subscription, items: Sequence[MonitorSpec], *, with_filter: bool
+    ) -> dict[str, OpcUaError]:
         requests = []
         for spec in items:
             handle = len(self._handles) + 1
@@ -443,7 +480,7 @@ class OpcUaLink:
             params = ua.MonitoringParameters()
             params.ClientHandle = handle
             # -1: sample at the publishing interval (Part 4 §7.21).
-            params.SamplingInterval = (spec.sampling_interval_s * 1000 if spec.sampling_interval_s else -1.0)
+            params.SamplingInterval = spec.sampling_interval_s * 1000 if spec.sampling_interval_s else -1.0
             params.QueueSize = spec.queue_size
             params.DiscardOldest = True
             if with_filter and spec.deadband_abs is not None:
@@ -453,8 +490,9 @@ class OpcUaLink:
                 flt.DeadbandValue = spec.deadband_abs
                 params.Filter = flt
             request = ua.MonitoredItemCreateRequest()
-            request.ItemToMonitor = ua.ReadValueId(NodeId=self._node(spec.node_id),
-                                                   AttributeId=AttributeIds.Value)
+            request.ItemToMonitor = ua.ReadValueId(
+                NodeId=self._node(spec.node_id), AttributeId=AttributeIds.Value
+            )
             request.MonitoringMode = ua.MonitoringMode.Reporting
             request.RequestedParameters = params
             requests.append(request)

@@ -121,8 +121,14 @@ class OpcUaServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             raise ValueError("cert_dir is required with a security policy (client certificate lives there)")
         if self.password is not None and self.username is None:
             raise ValueError("password given without username")
-        for field in ("publishing_interval_s", "poll_interval_s", "timeout_s", "keepalive_s",
-                      "session_timeout_s", "reconnect_min_s"):
+        for field in (
+            "publishing_interval_s",
+            "poll_interval_s",
+            "timeout_s",
+            "keepalive_s",
+            "session_timeout_s",
+            "reconnect_min_s",
+        ):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{field} must be > 0")
         if self.reconnect_max_s < self.reconnect_min_s:

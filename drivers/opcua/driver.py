@@ -69,8 +69,13 @@ def _first_opcua_error(group: BaseExceptionGroup[BaseException]) -> OpcUaError |
 class _ServerSession:
     """Connection loop and point state of one server (see the module docstring)."""
 
-    def __init__(self, cfg: OpcUaServer, clock_ns: Callable[[], int], monotonic: Callable[[], float],
-                 rng: random.Random) -> None:
+    def __init__(
+        self,
+        cfg: OpcUaServer,
+        clock_ns: Callable[[], int],
+        monotonic: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
         self.cfg = cfg
         self._clock_ns = clock_ns
         self._monotonic = monotonic
@@ -95,7 +100,7 @@ class _ServerSession:
                 self._all_bad(emit, exc.reason)
             if self._established:
                 attempt = 0
-            delay_s = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * 2.0 ** attempt)
+            delay_s = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * 2.0**attempt)
             attempt = min(attempt + 1, 32)
             # Jitter in [0.5, 1] x delay keeps a fleet of agents from reconnecting in lock-step.
             await asyncio.sleep(delay_s * (0.5 + 0.5 * self._rng.random()))
@@ -107,12 +112,13 @@ class _ServerSession:
             assert self.cfg.cert_dir is not None  # enforced by OpcUaServer
             uri = self.cfg.application_uri or default_application_uri()
             try:
-                self._cert = await asyncio.to_thread(ensure_certificate, self.cfg.cert_dir, uri,
-                                                     socket.gethostname())
+                self._cert = await asyncio.to_thread(
+                    ensure_certificate, self.cfg.cert_dir, uri, socket.gethostname()
+                )
             except OSError as exc:
-                raise OpcUaConnectionError("BadCertificateInvalid",
-                                           f"cannot create client certificate in {self.cfg.cert_dir}: {exc}"
-                                           ) from exc
+                raise OpcUaConnectionError(
+                    "BadCertificateInvalid", f"cannot create client certificate in {self.cfg.cert_dir}: {exc}"
+                ) from exc
         return self._cert
 
     async def _connect_and_acquire(self, emit: Emit) -> None:
@@ -144,8 +150,12 @@ class _ServerSession:
         polled: list[OpcUaPoint] = []
         client_deadband: set[str] = set()
         if cfg.mode == "subscribe" and resolved:
-            specs = [MonitorSpec(p.name, self.node_ids[p.name], p.sampling_interval_s, p.deadband_abs,
-                                 p.queue_size) for p in resolved]
+            specs = [
+                MonitorSpec(
+                    p.name, self.node_ids[p.name], p.sampling_interval_s, p.deadband_abs, p.queue_size
+                )
+                for p in resolved
+            ]
             try:
                 refused = await link.subscribe(cfg.publishing_interval_s, specs)
             except OpcUaServiceError as exc:
@@ -220,25 +230,43 @@ class _ServerSession:
         quality = quality_of(sample.status_code)
         # Part 4 §7.39: a Bad value is not to be used; do not pass a stale number on.
         value = None if quality is Quality.BAD else sample.value
-        return Reading(device=self.cfg.name, point=point.name, value=value, quality=quality,
-                       ts_ns=self._clock_ns(), source_ts_ns=sample.source_ts_ns,
-                       reason=reason_of(sample.status_code, sample.status_name))
+        return Reading(
+            device=self.cfg.name,
+            point=point.name,
+            value=value,
+            quality=quality,
+            ts_ns=self._clock_ns(),
+            source_ts_ns=sample.source_ts_ns,
+            reason=reason_of(sample.status_code, sample.status_name),
+        )
 
     def report(self, emit: Emit, point: OpcUaPoint, sample: Sample, *, deadband: bool) -> None:
         """Emit a sample, unless the driver-side deadband says it is no news."""
         reading = self.reading(point, sample)
         if deadband and point.deadband_abs is not None:
             last = self._last.get(point.name)
-            if (last is not None and last[1] == reading.quality and last[2] == reading.reason
-                    and not exceeds_deadband(last[0], reading.value, point.deadband_abs)):
+            if (
+                last is not None
+                and last[1] == reading.quality
+                and last[2] == reading.reason
+                and not exceeds_deadband(last[0], reading.value, point.deadband_abs)
+            ):
                 return
         self._last[point.name] = (reading.value, reading.quality, reading.reason)
         emit(reading)
 
     def _emit_bad(self, emit: Emit, name: str, reason: str) -> None:
         self._last[name] = (None, Quality.BAD, reason)
-        emit(Reading(device=self.cfg.name, point=name, value=None, quality=Quality.BAD,
-                     ts_ns=self._clock_ns(), reason=reason))
+        emit(
+            Reading(
+                device=self.cfg.name,
+                point=name,
+                value=None,
+                quality=Quality.BAD,
+                ts_ns=self._clock_ns(),
+                reason=reason,
+            )
+        )
 
     def _all_bad(self, emit: Emit, reason: str) -> None:
         if reason == self._down_reason:
@@ -248,8 +276,14 @@ class _ServerSession:
             self._emit_bad(emit, p.name, reason)
 
     def bad_reading(self, point: OpcUaPoint, reason: str) -> Reading:
-        return Reading(device=self.cfg.name, point=point.name, value=None, quality=Quality.BAD,
-                       ts_ns=self._clock_ns(), reason=reason)
+        return Reading(
+            device=self.cfg.name,
+            point=point.name,
+            value=None,
+            quality=Quality.BAD,
+            ts_ns=self._clock_ns(),
+            reason=reason,
+        )
 
 
 class OpcUaDriver:
@@ -260,8 +294,14 @@ class OpcUaDriver:
 
     name = "opcua"
 
-    def __init__(self, servers: Sequence[OpcUaServer], *, clock_ns: Callable[[], int],
-                 monotonic: Callable[[], float], rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        servers: Sequence[OpcUaServer],
+        *,
+        clock_ns: Callable[[], int],
+        monotonic: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
         names = [s.name for s in servers]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

@@ -37,7 +37,11 @@ def exceeds_deadband(last: Value, value: Value, deadband_abs: float) -> bool:
     Booleans are not numbers here: a flip is always a change.
     """
     numeric = (int, float)
-    if (isinstance(last, numeric) and isinstance(value, numeric)
-            and not isinstance(last, bool) and not isinstance(value, bool)):
+    if (
+        isinstance(last, numeric)
+        and isinstance(value, numeric)
+        and not isinstance(last, bool)
+        and not isinstance(value, bool)
+    ):
         return abs(value - last) > deadband_abs
     return last != value

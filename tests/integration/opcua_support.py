@@ -35,8 +35,9 @@ class Collector:
     def of(self, point: str, since: int = 0) -> list[Reading]:
         return [r for r in self.readings[since:] if r.point == point]
 
-    async def wait_for(self, predicate: Callable[[Reading], bool], *, since: int = 0,
-                       what: str = "reading") -> Reading:
+    async def wait_for(
+        self, predicate: Callable[[Reading], bool], *, since: int = 0, what: str = "reading"
+    ) -> Reading:
         async with asyncio.timeout(WAIT_S):
             while True:
                 for r in self.readings[since:]:
@@ -47,8 +48,11 @@ class Collector:
         raise AssertionError(f"no {what}")  # pragma: no cover - timeout raises first
 
     async def value(self, point: str, value: object, *, since: int = 0) -> Reading:
-        return await self.wait_for(lambda r: r.point == point and r.value == value
-                                   and r.quality is Quality.GOOD, since=since, what=f"{point}={value}")
+        return await self.wait_for(
+            lambda r: r.point == point and r.value == value and r.quality is Quality.GOOD,
+            since=since,
+            what=f"{point}={value}",
+        )
 
     async def count(self, point: str, n: int, *, since: int) -> None:
         """Wait until `point` has had n more readings since the mark."""

@@ -31,18 +31,30 @@ async def station() -> AsyncIterator[OpcUaStation]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def secure_station() -> AsyncIterator[OpcUaStation]:
-    async with OpcUaStation("127.0.0.1", free_port(), wells=1, update_interval_s=None,
-                            security=("Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"),
-                            users=USERS) as st:
+    async with OpcUaStation(
+        "127.0.0.1",
+        free_port(),
+        wells=1,
+        update_interval_s=None,
+        security=("Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"),
+        users=USERS,
+    ) as st:
         yield st
 
 
 def fast(st: OpcUaStation, *points: OpcUaPoint, **kw: object) -> OpcUaServer:
     """A server config with short intervals so tests see changes quickly."""
-    base: dict[str, object] = {"name": "station", "endpoint": st.endpoint, "points": points,
-                               "publishing_interval_s": 0.05, "poll_interval_s": 0.05,
-                               "keepalive_s": 0.5, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
-                               "timeout_s": 2.0}
+    base: dict[str, object] = {
+        "name": "station",
+        "endpoint": st.endpoint,
+        "points": points,
+        "publishing_interval_s": 0.05,
+        "poll_interval_s": 0.05,
+        "keepalive_s": 0.5,
+        "reconnect_min_s": 0.1,
+        "reconnect_max_s": 0.5,
+        "timeout_s": 2.0,
+    }
     base.update(kw)
     return OpcUaServer(**base)  # type: ignore[arg-type]
 
@@ -64,8 +76,9 @@ async def test_a_subscription_delivers_each_change_with_its_source_timestamp(sta
 async def test_the_server_side_deadband_suppresses_small_changes(station: OpcUaStation) -> None:
     await station.set_value(2, "CasingPressure", 3.0)
     # A queue per item: without the deadband every small change would be delivered, none coalesced.
-    point = OpcUaPoint(name="casing", node_id=station.node_id(2, "CasingPressure"), deadband_abs=0.5,
-                       queue_size=10)
+    point = OpcUaPoint(
+        name="casing", node_id=station.node_id(2, "CasingPressure"), deadband_abs=0.5, queue_size=10
+    )
     async with running(fast(station, point)) as (_, got):
         await got.value("casing", 3.0)
         mark = got.mark()
@@ -80,8 +93,10 @@ async def test_the_server_side_deadband_suppresses_small_changes(station: OpcUaS
 async def test_polling_reads_every_period_and_applies_the_deadband_itself(station: OpcUaStation) -> None:
     await station.set_value(3, "CasingPressure", 3.0)
     await station.set_value(3, "Temperature", 40.0)
-    points = (OpcUaPoint(name="casing", node_id=station.node_id(3, "CasingPressure"), deadband_abs=0.5),
-              OpcUaPoint(name="temperature", node_id=station.node_id(3, "Temperature")))
+    points = (
+        OpcUaPoint(name="casing", node_id=station.node_id(3, "CasingPressure"), deadband_abs=0.5),
+        OpcUaPoint(name="temperature", node_id=station.node_id(3, "Temperature")),
+    )
     async with running(fast(station, *points, mode="poll")) as (_, got):
         await got.value("casing", 3.0)
         mark = got.mark()
@@ -95,8 +110,9 @@ async def test_polling_reads_every_period_and_applies_the_deadband_itself(statio
 
 
 async def test_a_server_refusing_subscriptions_is_polled_instead() -> None:
-    async with OpcUaStation("127.0.0.1", free_port(), wells=1, update_interval_s=None,
-                            max_subscriptions=0) as nano:
+    async with OpcUaStation(
+        "127.0.0.1", free_port(), wells=1, update_interval_s=None, max_subscriptions=0
+    ) as nano:
         point = OpcUaPoint(name="flow", node_id=nano.node_id(1, "FlowRate"))
         async with running(fast(nano, point)) as (_, got):
             mark = got.mark()
@@ -107,8 +123,10 @@ async def test_a_server_refusing_subscriptions_is_polled_instead() -> None:
 
 async def test_browse_paths_resolve_to_the_same_variable_as_its_node_id(station: OpcUaStation) -> None:
     await station.set_value(4, "FlowRate", 31.5)
-    points = (OpcUaPoint(name="by_id", node_id=station.node_id(4, "FlowRate")),
-              OpcUaPoint(name="by_path", browse_path=station.browse_path(4, "FlowRate")))
+    points = (
+        OpcUaPoint(name="by_id", node_id=station.node_id(4, "FlowRate")),
+        OpcUaPoint(name="by_path", browse_path=station.browse_path(4, "FlowRate")),
+    )
     async with running(fast(station, *points)) as (_, got):
         await got.value("by_id", 31.5)
         await got.value("by_path", 31.5)
@@ -118,11 +136,14 @@ async def test_browse_paths_resolve_to_the_same_variable_as_its_node_id(station:
 
 
 async def test_addresses_that_do_not_resolve_are_bad_with_the_server_reason_and_the_rest_runs(
-        station: OpcUaStation) -> None:
+    station: OpcUaStation,
+) -> None:
     ns = station.namespace_index
-    points = (OpcUaPoint(name="ghost", node_id=f"ns={ns};s=Well99.Nothing"),
-              OpcUaPoint(name="lost", browse_path=f"{ns}:GatheringStation/{ns}:Well99/{ns}:Setpoint"),
-              OpcUaPoint(name="run", node_id=station.node_id(5, "RunStatus")))
+    points = (
+        OpcUaPoint(name="ghost", node_id=f"ns={ns};s=Well99.Nothing"),
+        OpcUaPoint(name="lost", browse_path=f"{ns}:GatheringStation/{ns}:Well99/{ns}:Setpoint"),
+        OpcUaPoint(name="run", node_id=station.node_id(5, "RunStatus")),
+    )
     async with running(fast(station, *points)) as (_, got):
         ghost = await got.wait_for(lambda r: r.point == "ghost")
         lost = await got.wait_for(lambda r: r.point == "lost")
@@ -149,9 +170,11 @@ async def test_status_codes_become_quality_with_the_status_name_as_reason(statio
 
 
 async def test_a_write_is_confirmed_by_reading_it_back(station: OpcUaStation) -> None:
-    points = (OpcUaPoint(name="setpoint", node_id=station.node_id(7, "Setpoint"), writable=True),
-              OpcUaPoint(name="flow", node_id=station.node_id(7, "FlowRate")),
-              OpcUaPoint(name="tubing", node_id=station.node_id(7, "TubingPressure"), writable=True))
+    points = (
+        OpcUaPoint(name="setpoint", node_id=station.node_id(7, "Setpoint"), writable=True),
+        OpcUaPoint(name="flow", node_id=station.node_id(7, "FlowRate")),
+        OpcUaPoint(name="tubing", node_id=station.node_id(7, "TubingPressure"), writable=True),
+    )
     async with running(fast(station, *points)) as (driver, got):
         await got.wait_for(lambda r: r.point == "setpoint" and r.quality is Quality.GOOD)
         reading = await driver.write("station/setpoint", 42)  # an int, written as the node's Double
@@ -169,11 +192,18 @@ async def test_a_write_is_confirmed_by_reading_it_back(station: OpcUaStation) ->
 
 @pytest.mark.parametrize("mode", ["Sign", "SignAndEncrypt"])
 async def test_basic256sha256_with_a_generated_client_certificate_and_a_user_login_reads_values(
-        secure_station: OpcUaStation, tmp_path: Path, mode: str) -> None:
+    secure_station: OpcUaStation, tmp_path: Path, mode: str
+) -> None:
     await secure_station.set_value(1, "FlowRate", 18.0)
-    cfg = fast(secure_station, OpcUaPoint(name="flow", node_id=secure_station.node_id(1, "FlowRate")),
-               security_policy="Basic256Sha256", security_mode=mode, cert_dir=str(tmp_path / "pki"),
-               username="operator", password="s3cret")
+    cfg = fast(
+        secure_station,
+        OpcUaPoint(name="flow", node_id=secure_station.node_id(1, "FlowRate")),
+        security_policy="Basic256Sha256",
+        security_mode=mode,
+        cert_dir=str(tmp_path / "pki"),
+        username="operator",
+        password="s3cret",
+    )
     async with running(cfg) as (_, got):
         await got.value("flow", 18.0)
     key = tmp_path / "pki" / "key.pem"
@@ -181,23 +211,37 @@ async def test_basic256sha256_with_a_generated_client_certificate_and_a_user_log
 
 
 async def test_a_pinned_server_certificate_that_matches_lets_the_client_in(
-        secure_station: OpcUaStation, tmp_path: Path) -> None:
+    secure_station: OpcUaStation, tmp_path: Path
+) -> None:
     assert secure_station.server_certificate is not None
     await secure_station.set_value(1, "Temperature", 47.5)
-    cfg = fast(secure_station, OpcUaPoint(name="t", node_id=secure_station.node_id(1, "Temperature")),
-               security_policy="Basic256Sha256", security_mode="SignAndEncrypt", cert_dir=str(tmp_path),
-               server_certificate=str(secure_station.server_certificate),
-               username="operator", password="s3cret")
+    cfg = fast(
+        secure_station,
+        OpcUaPoint(name="t", node_id=secure_station.node_id(1, "Temperature")),
+        security_policy="Basic256Sha256",
+        security_mode="SignAndEncrypt",
+        cert_dir=str(tmp_path),
+        server_certificate=str(secure_station.server_certificate),
+        username="operator",
+        password="s3cret",
+    )
     async with running(cfg) as (_, got):
         await got.value("t", 47.5)
 
 
 async def test_a_wrong_password_yields_bad_readings_with_a_reason_and_no_crash(
-        secure_station: OpcUaStation, tmp_path: Path) -> None:
-    cfg = fast(secure_station, OpcUaPoint(name="flow", node_id=secure_station.node_id(1, "FlowRate")),
-               OpcUaPoint(name="run", node_id=secure_station.node_id(1, "RunStatus")),
-               security_policy="Basic256Sha256", security_mode="SignAndEncrypt", cert_dir=str(tmp_path),
-               username="operator", password="guess")
+    secure_station: OpcUaStation, tmp_path: Path
+) -> None:
+    cfg = fast(
+        secure_station,
+        OpcUaPoint(name="flow", node_id=secure_station.node_id(1, "FlowRate")),
+        OpcUaPoint(name="run", node_id=secure_station.node_id(1, "RunStatus")),
+        security_policy="Basic256Sha256",
+        security_mode="SignAndEncrypt",
+        cert_dir=str(tmp_path),
+        username="operator",
+        password="guess",
+    )
     refused_before = secure_station.refused_logins
     async with running(cfg) as (_, got):
         flow = await got.wait_for(lambda r: r.point == "flow")
@@ -216,8 +260,11 @@ async def test_the_driver_reconnects_and_resubscribes_after_a_server_restart() -
     await first.start()
     try:
         await first.set_value(1, "TubingPressure", 1.5)
-        cfg = fast(first, OpcUaPoint(name="tubing", node_id=first.node_id(1, "TubingPressure")),
-                   OpcUaPoint(name="setpoint", browse_path=first.browse_path(1, "Setpoint"), writable=True))
+        cfg = fast(
+            first,
+            OpcUaPoint(name="tubing", node_id=first.node_id(1, "TubingPressure")),
+            OpcUaPoint(name="setpoint", browse_path=first.browse_path(1, "Setpoint"), writable=True),
+        )
         async with running(cfg) as (driver, got):
             await got.value("tubing", 1.5)
             mark = got.mark()

@@ -36,8 +36,13 @@ def _ensure_node_modules() -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (PROJECT / "node_modules" / "node-opcua-server").is_dir():
             return  # another session installed it while we waited
-        done = subprocess.run([npm, "ci", "--prefix", str(PROJECT), "--no-audit", "--no-fund"],
-                              capture_output=True, text=True, timeout=600, check=False)
+        done = subprocess.run(
+            [npm, "ci", "--prefix", str(PROJECT), "--no-audit", "--no-fund"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
     if done.returncode != 0:
         msg = f"npm ci in {PROJECT} failed (./run setup installs it):\n{done.stderr[-2000:]}"
         if IN_CI:
@@ -50,8 +55,13 @@ def endpoint() -> Iterator[str]:
     node = require_binary("node")
     _ensure_node_modules()
     port = free_port()
-    proc = subprocess.Popen([node, str(PROJECT / "server.js"), str(port)], cwd=PROJECT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [node, str(PROJECT / "server.js"), str(port)],
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         # Checked to be our process before use: another program may share the host.
         wait_tcp_listening(port, pid=proc.pid, timeout_s=60.0)
@@ -66,18 +76,27 @@ def endpoint() -> Iterator[str]:
 
 
 def config(endpoint: str, *points: OpcUaPoint, **kw: object) -> OpcUaServer:
-    base: dict[str, object] = {"name": "node", "endpoint": endpoint, "points": points,
-                               "publishing_interval_s": 0.1, "poll_interval_s": 0.1, "keepalive_s": 1.0,
-                               "reconnect_min_s": 0.2, "reconnect_max_s": 1.0}
+    base: dict[str, object] = {
+        "name": "node",
+        "endpoint": endpoint,
+        "points": points,
+        "publishing_interval_s": 0.1,
+        "poll_interval_s": 0.1,
+        "keepalive_s": 1.0,
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 1.0,
+    }
     base.update(kw)
     return OpcUaServer(**base)  # type: ignore[arg-type]
 
 
 async def test_our_driver_subscribes_to_a_node_opcua_server_by_node_id_and_browse_path(endpoint: str) -> None:
-    points = (OpcUaPoint(name="tubing", node_id="ns=1;s=Well01.TubingPressure"),
-              OpcUaPoint(name="temperature", browse_path=f"{WELL}/1:Temperature"),
-              OpcUaPoint(name="run", browse_path=f"{WELL}/1:RunStatus"),
-              OpcUaPoint(name="faulty", node_id="ns=1;s=Well01.Faulty"))
+    points = (
+        OpcUaPoint(name="tubing", node_id="ns=1;s=Well01.TubingPressure"),
+        OpcUaPoint(name="temperature", browse_path=f"{WELL}/1:Temperature"),
+        OpcUaPoint(name="run", browse_path=f"{WELL}/1:RunStatus"),
+        OpcUaPoint(name="faulty", node_id="ns=1;s=Well01.Faulty"),
+    )
     async with running(config(endpoint, *points)) as (_, got):
         await got.value("temperature", 42.5)
         await got.value("run", True)
@@ -91,8 +110,9 @@ async def test_our_driver_subscribes_to_a_node_opcua_server_by_node_id_and_brows
 
 
 async def test_node_opcua_applies_our_absolute_deadband_filter(endpoint: str) -> None:
-    point = OpcUaPoint(name="tubing", node_id="ns=1;s=Well01.TubingPressure", deadband_abs=0.025,
-                       queue_size=10)
+    point = OpcUaPoint(
+        name="tubing", node_id="ns=1;s=Well01.TubingPressure", deadband_abs=0.025, queue_size=10
+    )
     async with running(config(endpoint, point)) as (_, got):
         await got.count("tubing", 3, since=0)
         values = [r.value for r in got.of("tubing") if isinstance(r.value, float)]
@@ -101,7 +121,8 @@ async def test_node_opcua_applies_our_absolute_deadband_filter(endpoint: str) ->
 
 
 async def test_a_deadband_the_server_refuses_for_a_boolean_is_applied_by_the_driver_instead(
-        endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # Part 4 §7.22.2: an absolute deadband on a non-numeric variable is BadFilterNotAllowed; the
     # item is then created without the filter (still monitored, not polled).
     point = OpcUaPoint(name="run", node_id="ns=1;s=Well01.RunStatus", deadband_abs=0.5)
@@ -112,8 +133,10 @@ async def test_a_deadband_the_server_refuses_for_a_boolean_is_applied_by_the_dri
 
 
 async def test_our_driver_polls_a_node_opcua_server(endpoint: str) -> None:
-    points = (OpcUaPoint(name="temperature", node_id="ns=1;s=Well01.Temperature"),
-              OpcUaPoint(name="faulty", browse_path=f"{WELL}/1:Faulty"))
+    points = (
+        OpcUaPoint(name="temperature", node_id="ns=1;s=Well01.Temperature"),
+        OpcUaPoint(name="faulty", browse_path=f"{WELL}/1:Faulty"),
+    )
     async with running(config(endpoint, *points, mode="poll")) as (_, got):
         await got.count("temperature", 3, since=0)
         assert {r.value for r in got.of("temperature")} == {42.5}
@@ -121,8 +144,10 @@ async def test_our_driver_polls_a_node_opcua_server(endpoint: str) -> None:
 
 
 async def test_a_write_to_a_node_opcua_server_is_read_back(endpoint: str) -> None:
-    points = (OpcUaPoint(name="setpoint", browse_path=f"{WELL}/1:Setpoint", writable=True),
-              OpcUaPoint(name="temperature", node_id="ns=1;s=Well01.Temperature", writable=True))
+    points = (
+        OpcUaPoint(name="setpoint", browse_path=f"{WELL}/1:Setpoint", writable=True),
+        OpcUaPoint(name="temperature", node_id="ns=1;s=Well01.Temperature", writable=True),
+    )
     async with running(config(endpoint, *points)) as (driver, got):
         await got.wait_for(lambda r: r.point == "setpoint" and r.quality is Quality.GOOD)
         done = await driver.write("setpoint", 12.5)

@@ -14,7 +14,8 @@ URI = "urn:rtu-17:fieldgate:edge-agent"
 
 
 def test_the_first_run_creates_a_certificate_with_the_application_uri_and_a_private_key(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     cert_path, key_path = ensure_certificate(tmp_path / "opcua", URI, "rtu-17")
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(key_path.parent.stat().st_mode) == 0o700

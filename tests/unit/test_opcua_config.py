@@ -15,10 +15,14 @@ def server(**kw: object) -> OpcUaServer:
 
 
 def test_a_server_config_decodes_from_toml_like_data_with_defaults_from_the_model() -> None:
-    raw = {"name": "station", "endpoint": "opc.tcp://10.0.0.5:4840", "points": [
-        {"name": "tp", "node_id": "ns=2;s=Well01.TubingPressure", "deadband_abs": 0.05},
-        {"name": "sp", "browse_path": "2:GatheringStation/2:Well01/2:Setpoint", "writable": True},
-    ]}
+    raw = {
+        "name": "station",
+        "endpoint": "opc.tcp://10.0.0.5:4840",
+        "points": [
+            {"name": "tp", "node_id": "ns=2;s=Well01.TubingPressure", "deadband_abs": 0.05},
+            {"name": "sp", "browse_path": "2:GatheringStation/2:Well01/2:Setpoint", "writable": True},
+        ],
+    }
     cfg = msgspec.convert(raw, OpcUaServer)
     assert cfg.mode == "subscribe" and cfg.security_policy == "None"
     assert cfg.point("tp").deadband_abs == 0.05
@@ -30,9 +34,16 @@ def test_unknown_fields_are_refused_so_typos_do_not_pass_silently() -> None:
         msgspec.convert({"name": "p", "node_id": "i=2258", "deadbnd": 1}, OpcUaPoint)
 
 
-@pytest.mark.parametrize("node_id", ["i=2258", "ns=2;s=Well01.TubingPressure",
-                                     "ns=3;g=09087e75-8e5e-499b-954f-f2a9603db28a",
-                                     "ns=4;b=M/RbKBsRVkePCePcx24oRA==", "nsu=urn:x:y;s=a;b"])
+@pytest.mark.parametrize(
+    "node_id",
+    [
+        "i=2258",
+        "ns=2;s=Well01.TubingPressure",
+        "ns=3;g=09087e75-8e5e-499b-954f-f2a9603db28a",
+        "ns=4;b=M/RbKBsRVkePCePcx24oRA==",
+        "nsu=urn:x:y;s=a;b",
+    ],
+)
 def test_every_standard_node_id_form_is_accepted(node_id: str) -> None:
     assert OpcUaPoint(name="p", node_id=node_id).node_id == node_id
 
@@ -84,8 +95,9 @@ def test_duplicate_point_names_are_refused() -> None:
         server(points=(OpcUaPoint(name="a", node_id="i=1"), OpcUaPoint(name="a", node_id="i=2")))
 
 
-@pytest.mark.parametrize("field", ["publishing_interval_s", "poll_interval_s", "timeout_s", "keepalive_s",
-                                   "reconnect_min_s"])
+@pytest.mark.parametrize(
+    "field", ["publishing_interval_s", "poll_interval_s", "timeout_s", "keepalive_s", "reconnect_min_s"]
+)
 def test_intervals_must_be_positive(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         server(**{field: 0})

@@ -9,15 +9,18 @@ from drivers.opcua.client import sample_of, status_name
 from drivers.opcua.status import exceeds_deadband, quality_of, reason_of
 
 
-@pytest.mark.parametrize(("code", "quality"), [
-    (0x00000000, Quality.GOOD),           # Good
-    (0x00960000, Quality.GOOD),           # GoodLocalOverride
-    (0x40900000, Quality.UNCERTAIN),      # UncertainLastUsableValue
-    (0x40950000, Quality.UNCERTAIN),      # UncertainSubNormal
-    (0x808C0000, Quality.BAD),            # BadSensorFailure
-    (0x80340000, Quality.BAD),            # BadNodeIdUnknown
-    (0xC0000000, Quality.BAD),            # reserved severity 11: not trustworthy
-])
+@pytest.mark.parametrize(
+    ("code", "quality"),
+    [
+        (0x00000000, Quality.GOOD),  # Good
+        (0x00960000, Quality.GOOD),  # GoodLocalOverride
+        (0x40900000, Quality.UNCERTAIN),  # UncertainLastUsableValue
+        (0x40950000, Quality.UNCERTAIN),  # UncertainSubNormal
+        (0x808C0000, Quality.BAD),  # BadSensorFailure
+        (0x80340000, Quality.BAD),  # BadNodeIdUnknown
+        (0xC0000000, Quality.BAD),  # reserved severity 11: not trustworthy
+    ],
+)
 def test_the_severity_bits_decide_the_quality(code: int, quality: Quality) -> None:
     assert quality_of(code) is quality
 
@@ -34,17 +37,20 @@ def test_status_names_ignore_the_limit_and_overflow_info_bits() -> None:
     assert status_name(0x40900000 | 0x0100) == "UncertainLastUsableValue"  # limit low
 
 
-@pytest.mark.parametrize(("last", "value", "report"), [
-    (10.0, 10.5, False),  # |0.5| is not > 0.5
-    (10.0, 10.51, True),
-    (10.0, 9.4, True),
-    (10, 10, False),
-    (True, False, True),  # booleans flip, they are not numbers
-    (True, True, False),
-    ("run", "stop", True),
-    (None, 1.0, True),    # first good value after a BAD one
-    (1.0, None, True),
-])
+@pytest.mark.parametrize(
+    ("last", "value", "report"),
+    [
+        (10.0, 10.5, False),  # |0.5| is not > 0.5
+        (10.0, 10.51, True),
+        (10.0, 9.4, True),
+        (10, 10, False),
+        (True, False, True),  # booleans flip, they are not numbers
+        (True, True, False),
+        ("run", "stop", True),
+        (None, 1.0, True),  # first good value after a BAD one
+        (1.0, None, True),
+    ],
+)
 def test_the_deadband_reports_only_changes_larger_than_it(last: object, value: object, report: bool) -> None:
     assert exceeds_deadband(last, value, 0.5) is report  # type: ignore[arg-type]
 
