@@ -16,9 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and benchmarks.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from hil import demo, tbox, wellsite
+    from hil import demo, opcua_station, tbox, wellsite
 
     wellsite.add_parser(sub)
+    opcua_station.add_parser(sub)
     tbox.add_parser(sub)
     demo.add_parser(sub)
     return parser
