@@ -1,0 +1,1 @@
+"""Durable storage of the broker core's state: the SQLite store and the group-committing writer thread."""
