@@ -19,7 +19,7 @@ def test_the_same_seed_gives_identical_cards_and_another_seed_does_not():
     assert a.load_kn != generate_card("well-007", 3, T0_NS + 10**9, 1203).load_kn
 
 
-@pytest.mark.parametrize("condition", sorted(CONDITIONS))
+@pytest.mark.parametrize("condition", sorted(set(CONDITIONS) - {1232}))  # 1232: the load cell is dead
 def test_cards_stay_in_the_physical_ranges_of_a_beam_pump(condition: int):
     for i in range(40):
         c = generate_card(f"well-{i:03d}", 1, T0_NS + i, condition, n_points=50 + 5 * i)
