@@ -20,6 +20,17 @@ committed (and later forwarded); only the seqs are lost to the caller. At-least-
 
 Housekeeping. When no job arrived for `idle_checkpoint_s`, the writer calls `queue.checkpoint()` (for
 SQLite a PASSIVE WAL checkpoint), keeping checkpoint I/O off the append path.
+
+Bounds. With `bounds`, the writer applies the eviction policy after a commit at most every
+`evict_interval_s` (so the queue may overshoot a bound by that interval's appends) and whenever it is
+idle. When a commit fails with `StoreFull` (the disk is full), the writer checkpoints, evicts by policy
+enough payload to hold the failed group (cause "disk_full", recorded as gaps like any eviction) and
+retries the commit once; if nothing could be evicted (e.g. only protected alarms are stored) every
+caller gets `StoreFull` and nothing of the group is stored. Without `bounds` nothing is ever evicted.
+
+Lanes. `lease_next` is what the forwarder calls: live records first (enqueued within
+`lanes.live_window_s`), and only when no live record is free, the backlog oldest-first within the
+`BacklogBudget` (a byte-rate token bucket); backlog batches come back with `historical=True`.
 """
 
 from __future__ import annotations
@@ -35,15 +46,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from store_forward.model import (
+    DEFAULT_LIVE_WINDOW_S,
     Batch,
+    Gap,
+    Lane,
     NewRecord,
     Queue,
     QueueStats,
     StoreClosed,
     StoreError,
+    StoreFull,
     validate_new_records,
 )
-from store_forward.policy import QueueBounds
+from store_forward.policy import BacklogBudget, LanePolicy, QueueBounds
+
+# Head room asked of a disk-full eviction beyond the failed group's own payload, so the retry does not
+# fail again on the index and WAL pages around it.
+DISK_FULL_HEADROOM_BYTES = 64 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +80,23 @@ class AsyncQueue:
 
     def __init__(self, queue_factory: Callable[[], Queue], *, max_batch_records: int = 512,
                  max_batch_delay_s: float = 0.005, idle_checkpoint_s: float = 1.0,
-                 thread_name: str = "store-writer") -> None:
+                 thread_name: str = "store-writer", bounds: QueueBounds | None = None,
+                 evict_interval_s: float = 1.0, lanes: LanePolicy | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if max_batch_records < 1:
             raise ValueError("max_batch_records must be >= 1")
         if max_batch_delay_s < 0:
             raise ValueError("max_batch_delay_s must be >= 0")
         if idle_checkpoint_s <= 0:
             raise ValueError("idle_checkpoint_s must be > 0")
+        if evict_interval_s < 0:
+            raise ValueError("evict_interval_s must be >= 0")
+        self._bounds = bounds
+        self._evict_interval_s = evict_interval_s
+        self._last_evict_s: float | None = None
+        self._monotonic = monotonic
+        self.lanes = lanes if lanes is not None else LanePolicy()
+        self.backlog_budget = BacklogBudget(self.lanes)
         self._factory = queue_factory
         self._max_batch_records = max_batch_records
         self._max_batch_delay_s = max_batch_delay_s
@@ -79,6 +108,8 @@ class AsyncQueue:
         self._accepting = False
         self.commits = 0  # transactions that appended records; with `appends`, shows the group-commit ratio
         self.appends = 0  # append calls served
+        self.evicted = 0  # records this facade's policy runs evicted (also counted in stats().evicted_total)
+        self.full_recoveries = 0  # commits that hit StoreFull and succeeded after a disk-full eviction
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -134,17 +165,50 @@ class AsyncQueue:
         return seqs
 
     async def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
-                    lease_s: float = 60.0) -> Batch:
+                    lease_s: float = 60.0, lane: Lane = Lane.ANY,
+                    live_window_s: float = DEFAULT_LIVE_WINDOW_S) -> Batch:
         batch: Batch = await self._call(
-            lambda q: q.lease(max_items, now_s, max_bytes=max_bytes, lease_s=lease_s))
+            lambda q: q.lease(max_items, now_s, max_bytes=max_bytes, lease_s=lease_s, lane=lane,
+                              live_window_s=live_window_s))
         return batch
+
+    async def lease_next(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
+                         lease_s: float = 60.0) -> Batch:
+        """Live first, then backlog within budget: the forwarder's one lease call.
+
+        Returns an empty batch when nothing live is free and the backlog is empty or out of budget;
+        `backlog_budget.wait_s(now_s)` says how long until the backlog may go again."""
+        window_s = self.lanes.live_window_s
+        allowance = self.backlog_budget.allowance(now_s)
+        backlog_max = max_bytes if allowance is None else (
+            allowance if max_bytes is None else min(max_bytes, allowance))
+
+        def live_then_backlog(q: Queue) -> Batch:
+            batch = q.lease(max_items, now_s, max_bytes=max_bytes, lease_s=lease_s, lane=Lane.LIVE,
+                            live_window_s=window_s)
+            if batch.records or backlog_max == 0:
+                return batch
+            return q.lease(max_items, now_s, max_bytes=backlog_max, lease_s=lease_s, lane=Lane.BACKLOG,
+                           live_window_s=window_s)
+
+        batch: Batch = await self._call(live_then_backlog)
+        if batch.historical and batch.records:
+            self.backlog_budget.spend(batch.payload_bytes, now_s)
+        return batch
+
+    async def pending_gaps(self, limit: int = 100) -> list[Gap]:
+        gaps: list[Gap] = await self._call(lambda q: q.pending_gaps(limit))
+        return gaps
+
+    async def settle_gap(self, gap_id: int) -> None:
+        await self._call(lambda q: q.settle_gap(gap_id))
 
     async def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None:
         acked_t, rejected_t = tuple(acked), tuple(rejected)  # materialize on the loop, not the thread
         await self._call(lambda q: q.settle(batch, acked_t, rejected_t))
 
-    async def evict(self, bounds: QueueBounds, now_s: float) -> int:
-        evicted: int = await self._call(lambda q: q.evict(bounds, now_s))
+    async def evict(self, bounds: QueueBounds, now_s: float, *, free_bytes: int = 0) -> int:
+        evicted: int = await self._call(lambda q: q.evict(bounds, now_s, free_bytes=free_bytes))
         return evicted
 
     async def stats(self) -> QueueStats:
@@ -186,6 +250,7 @@ class AsyncQueue:
                 except thread_queue.Empty:
                     if dirty:
                         dirty = False
+                        self._apply_bounds(q, force=True)
                         self._idle_checkpoint(q)
                     continue
             if job.op == "stop":
@@ -196,6 +261,7 @@ class AsyncQueue:
                 group, pending = self._gather(job, last_group_callers > 1)
                 last_group_callers = len(group)
                 self._commit(q, group)
+                self._apply_bounds(q, force=False)
             else:
                 assert job.call is not None
                 try:
@@ -225,7 +291,13 @@ class AsyncQueue:
     def _commit(self, q: Queue, group: list[_Job]) -> None:
         records = [r for job in group for r in job.records]
         try:
-            seqs = q.append(records)
+            try:
+                seqs = q.append(records)
+            except StoreFull:
+                if not self._make_room(q, sum(len(r.payload) for r in records)):
+                    raise
+                seqs = q.append(records)  # once: a second StoreFull goes to the callers
+                self.full_recoveries += 1
         except Exception as e:  # noqa: BLE001 -- re-raised in every caller of the failed transaction
             for job in group:
                 self._resolve(job.future, None, e)
@@ -236,6 +308,41 @@ class AsyncQueue:
         for job in group:
             self._resolve(job.future, seqs[i:i + len(job.records)], None)
             i += len(job.records)
+
+    def _make_room(self, q: Queue, payload_bytes: int) -> bool:
+        """After StoreFull: evict by policy enough for the failed group; True if anything was freed."""
+        if self._bounds is None:
+            return False
+        self._idle_checkpoint(q)  # a checkpointed WAL restarts from its beginning instead of growing
+        try:
+            n = q.evict(self._bounds, self._monotonic(), free_bytes=payload_bytes + DISK_FULL_HEADROOM_BYTES)
+        except StoreError as e:
+            log.warning("store: disk full and the eviction to make room failed: %s", e)
+            return False
+        self.evicted += n
+        if n:
+            log.warning("store: disk full; evicted %d record(s) by policy to store %d payload bytes",
+                        n, payload_bytes)
+            self._idle_checkpoint(q)  # move the freed pages into the database file for reuse
+        return n > 0
+
+    def _apply_bounds(self, q: Queue, *, force: bool) -> None:
+        if self._bounds is None or self._bounds.unbounded:
+            return
+        now_s = self._monotonic()
+        last = self._last_evict_s
+        if not force and last is not None and now_s - last < self._evict_interval_s:
+            return
+        self._last_evict_s = now_s
+        try:
+            n = q.evict(self._bounds, now_s)
+        except StoreError as e:
+            # The commits before this already succeeded; the next append reports a persistent problem.
+            log.warning("store: eviction by policy failed, will retry: %s", e)
+            return
+        if n:
+            self.evicted += n
+            log.info("store: evicted %d record(s) by policy (recorded as gaps)", n)
 
     def _idle_checkpoint(self, q: Queue) -> None:
         try:

@@ -229,7 +229,7 @@ class _Counters:
                 self.rejected_total, self.evicted_total, *self.depth, *self.bytes)
 
 
-def _new_generation() -> str:
+def new_generation() -> str:
     return secrets.token_hex(8)
 
 
@@ -381,7 +381,7 @@ class SqliteQueue:
                     conn.execute(stmt)
                 conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
                     ("schema_version", str(SCHEMA_VERSION)),
-                    ("generation", self._new_generation or _new_generation()),
+                    ("generation", self._new_generation or new_generation()),
                     ("created_ns", str(self._clock_ns())),
                 ])
                 conn.execute(_SQL_INSERT_COUNTERS, _Counters.fresh().as_row())
@@ -435,6 +435,14 @@ class SqliteQueue:
     def append(self, records: Sequence[NewRecord]) -> list[int]:
         validate_new_records(records)
         return self._append(records, None)
+
+    def restore(self, records: Sequence[NewRecord], enqueued_ns: Sequence[int]) -> list[int]:
+        """Append records keeping their original enqueue times (salvage), so age bounds and lanes
+        judge them by when they were first stored."""
+        validate_new_records(records)
+        if len(enqueued_ns) != len(records):
+            raise ValueError("restore: one enqueued_ns per record")
+        return self._append(records, enqueued_ns)
 
     def _append(self, records: Sequence[NewRecord], enqueued: Sequence[int] | None) -> list[int]:
         """Insert records; `enqueued` gives each one's enqueue time (salvage keeps the original ones),
@@ -862,3 +870,134 @@ class ReadOnlyStore:
 
 def open_readonly(path: str | os.PathLike[str]) -> ReadOnlyStore:
     return ReadOnlyStore(path)
+
+
+# -- reading a damaged store (salvage) -------------------------------------------------------------------
+
+_SALVAGE_SEQ_SPAN = 4096  # rows read per query while salvaging; a failing span is bisected
+_SALVAGE_MAX_FAILURES = 10_000  # give up on the rest after this many unreadable probes
+
+
+@dataclass(frozen=True, slots=True)
+class SalvagedRow:
+    old_seq: int
+    record: NewRecord
+    enqueued_ns: int
+
+
+class DamagedStore:
+    """Best-effort reader for a quarantined queue file: reads whatever rows SQLite can still return.
+
+    Opens the file read-write (WAL recovery may need to write: the file is already set aside, so this
+    never touches the live store) and never raises for damage: what could not be read is counted in
+    `unreadable` and described in `problems`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.problems: list[str] = []
+        self.unreadable = 0  # rows seen in the index or counters but not returned intact
+        self.generation: str | None = None
+        self.next_seq: int | None = None
+        self.depth: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            self._conn.execute("PRAGMA query_only = 1")
+        except sqlite3.Error as e:
+            self._problem("open", e)
+            self._conn = None
+            return
+        self._read_header()
+
+    def _problem(self, doing: str, e: BaseException) -> None:
+        if len(self.problems) < 20:
+            self.problems.append(f"{doing}: {e}")
+
+    def _read_header(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            self.generation = meta.get("generation")
+        except sqlite3.Error as e:
+            self._problem("read meta", e)
+        try:
+            row = conn.execute(_SQL_SELECT_COUNTERS).fetchone()
+            if row is not None:
+                c = _Counters.from_row(row)
+                self.next_seq, self.depth = c.next_seq, sum(c.depth)
+        except sqlite3.Error as e:
+            self._problem("read counters", e)
+        if self.next_seq is None:
+            try:
+                top = conn.execute(_SQL_MAX_SEQ).fetchone()[0]
+                self.next_seq = None if top is None else int(top) + 1
+            except sqlite3.Error as e:
+                self._problem("read max(seq)", e)
+
+    def rows(self) -> Iterator[list[SalvagedRow]]:
+        """Readable rows in seq order, in chunks; rows whose fields fail validation count as unreadable."""
+        conn = self._conn
+        if conn is None:
+            return
+        failures = 0
+        hi_bound = self.next_seq if self.next_seq is not None else 2**62
+        lo = 1
+        while lo < hi_bound and failures < _SALVAGE_MAX_FAILURES:
+            try:
+                nxt = conn.execute("SELECT seq FROM records WHERE seq >= ? ORDER BY seq LIMIT 1",
+                                   (lo,)).fetchone()
+            except sqlite3.Error as e:
+                self._problem(f"find rows from seq {lo}", e)
+                failures += 1
+                nxt = (lo,)  # the index is damaged here: probe span by span instead of jumping
+            if nxt is None:
+                return
+            lo = max(lo, int(nxt[0]))
+            hi = min(lo + _SALVAGE_SEQ_SPAN, hi_bound)
+            chunk, failures = self._read_span(conn, lo, hi, failures)
+            if chunk:
+                yield chunk
+            lo = hi
+
+    def _read_span(self, conn: sqlite3.Connection, lo: int, hi: int,
+                   failures: int) -> tuple[list[SalvagedRow], int]:
+        try:
+            raw = conn.execute(f"SELECT {_SQL_ROW_COLUMNS}, payload_size FROM records"
+                               " WHERE seq >= ? AND seq < ? ORDER BY seq", (lo, hi)).fetchall()
+        except sqlite3.Error as e:
+            failures += 1
+            if hi - lo <= 1 or failures >= _SALVAGE_MAX_FAILURES:
+                self._problem(f"read seq {lo}..{hi - 1}", e)
+                self.unreadable += 1 if hi - lo <= 1 else 0
+                return [], failures
+            mid = (lo + hi) // 2
+            left, failures = self._read_span(conn, lo, mid, failures)
+            right, failures = self._read_span(conn, mid, hi, failures)
+            return left + right, failures
+        out: list[SalvagedRow] = []
+        for seq, kind, payload, ts_ns, prio, enq_ns, size in raw:
+            ok = (isinstance(kind, str) and kind and isinstance(payload, bytes) and len(payload) == size
+                  and isinstance(ts_ns, int) and isinstance(enq_ns, int) and prio in range(PRIORITY_COUNT))
+            if not ok:
+                self.unreadable += 1
+                continue
+            out.append(SalvagedRow(seq, NewRecord(kind, payload, ts_ns, Priority(prio)), enq_ns))
+        return out, failures
+
+    def gaps(self) -> list[Gap]:
+        """Gaps the damaged store had not announced yet (they must not be forgotten either)."""
+        if self._conn is None:
+            return []
+        try:
+            rows = self._conn.execute(_SQL_SELECT_GAPS, (1_000_000,)).fetchall()
+            return [_gap_of(r) for r in rows]
+        except (sqlite3.Error, ValueError, TypeError) as e:
+            self._problem("read gaps", e)
+            return []
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
