@@ -25,7 +25,8 @@ every card (see hil.cards).
 Transports. TCP: up to 247 unit ids per port; more wells take more ports (`endpoints` lists them);
 a request for an absent unit answers exception 0B (gateway target failed to respond). RTU: up to 247
 wells on one serial port (normally one end of a socat pty pair, `hil.pty`); a request for an absent
-unit, or with a bad CRC, gets no answer (serial line v1.02 §2.4.1). With `pace=True` the RTU line
+unit, or with a bad CRC, gets no answer (serial line v1.02 §2.4.1). The line is 8N2 (11 bits per
+character, as the spec's default 8E1; a Linux pty refuses parity settings). With `pace=True` the RTU line
 runs at wire speed: the response's last byte leaves when the request and the response would have
 taken (request bytes + response bytes) * 11 / baudrate seconds on a real line, and the response is
 written in small chunks at that rate, so wire time in benchmarks is real.
@@ -105,8 +106,9 @@ class WellSim:
     def __init__(self, name: str, seed: int, *, now_s: float, card_interval_s: float, n_points: int = 200,
                  condition: int = 1202, trigger_delay_s: float = 1.0, ring_size: int = 100,
                  amap: A11Map | None = None, strict: bool = False,
-                 artefacts: Artefacts | None = None) -> None:
+                 artefacts: Artefacts | None = None, max_registers: int = 125) -> None:
         self.name, self.seed = name, seed
+        self.max_registers = max_registers  # some RTUs refuse longer reads with exception 03
         self.map = amap or A11Map()
         self.image = [0] * self.map.size
         self.strict = strict
@@ -255,6 +257,8 @@ class WellSim:
         """The response PDU to a request PDU (an exception response when the RTU refuses it)."""
         f = req.function
         if f == 3:
+            if req.count > self.max_registers:
+                return exception_response(f, ILLEGAL_VALUE)
             words = self.read(req.address, req.count, now_s)
             return encode_response(req, words) if isinstance(words, list) else exception_response(f, words)
         if f == 1:
@@ -330,7 +334,7 @@ class Wellsite:
                  clock: Callable[[], float] = time.time, conditions: dict[int, int] | None = None,
                  transport: Literal["tcp", "rtu"] = "tcp", serial_port: str = "", agent_serial_port: str = "",
                  baudrate: int = 19200, pace: bool = True, strict: bool = False, amap: A11Map | None = None,
-                 artefacts: Artefacts | None = None) -> None:
+                 artefacts: Artefacts | None = None, max_registers: int = 125) -> None:
         """port 0 picks free ports; otherwise ports port, port+1, ... Conditions map unit -> code.
 
         RTU: the simulator opens `serial_port`; `agent_serial_port` (the other end of the pty pair) is
@@ -355,7 +359,8 @@ class Wellsite:
             cond = (conditions or {}).get(i + 1, 1202)
             self.wells.append(WellSim(f"well-{i + 1:03d}", seed, now_s=now, card_interval_s=card_interval_s,
                                       n_points=n_points, condition=cond, trigger_delay_s=trigger_delay_s,
-                                      amap=self.map, strict=strict, artefacts=artefacts))
+                                      amap=self.map, strict=strict, artefacts=artefacts,
+                                      max_registers=max_registers))
         self.faults: dict[str, Fault] = {}
         self.requests_served = 0
         self.endpoints: list[Endpoint] = []
@@ -493,7 +498,8 @@ class _RtuLine:
         self._closed = asyncio.Event()
 
     def open(self) -> None:
-        self._port = serial.Serial(self.path, self.baudrate, timeout=0)
+        # 8N2: 11 bits per character like the spec's 8E1 (a Linux pty refuses parity with EINVAL)
+        self._port = serial.Serial(self.path, self.baudrate, parity="N", stopbits=2, timeout=0)
         asyncio.get_running_loop().add_reader(self._port.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -574,7 +580,8 @@ def agent_devices_for(wellsite: Wellsite | Sequence[Endpoint], *, poll_interval_
     for name, where, port, unit in endpoints:
         if rtu:
             out.append(ModbusDevice(name=name, transport="rtu", serial_port=where, baudrate=baudrate,
-                                    unit_id=unit, timeout_s=timeout_s, retries=retries, poll_interval_s=poll_interval_s,
+                                    parity="N", stopbits=2, unit_id=unit, timeout_s=timeout_s,
+                                    retries=retries, poll_interval_s=poll_interval_s,
                                     points=amap.points, card=card))
         else:
             out.append(ModbusDevice(name=name, host=where, port=port, unit_id=unit, timeout_s=timeout_s,

@@ -23,6 +23,7 @@ driver owns both policies. `requests` counts requests sent, retries included.
 from __future__ import annotations
 
 import asyncio
+import termios
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
@@ -102,7 +103,7 @@ class ModbusClient:
             return
         try:
             ok = await self._client.connect()
-        except (OSError, ModbusException) as exc:  # pyserial raises SerialException (an OSError)
+        except (OSError, termios.error, ModbusException) as exc:  # SerialException is an OSError
             raise ModbusError("connection", f"cannot open {self.label}: {exc}") from exc
         if not ok:
             raise ModbusError("connection", f"cannot connect to {self.label}")
