@@ -401,7 +401,7 @@ class Wellsite:
         if fault == "crc":
             return frame[:-1] + bytes((frame[-1] ^ 0xFF,))
         if fault == "garbage":
-            return b"\xde\xad\xbe\xef\x00\x13\x37"
+            return b"\xde\xad\xbe\xef\x00\x13\x37\x42\x42\x42\x42\x42"
         if fault == "short":
             return frame[: max(3, len(frame) // 2)]
         if fault == "wrong_unit":

@@ -225,7 +225,7 @@ def diagnose_rtu(rx: bytes, unit_id: int, function: int) -> str:
         return "garbage" if len(rx) >= 4 else "short frame"
     size = _rtu_complete(rx)
     if size == 0:
-        return "short frame" if response_pdu_size(rx[1:]) is None else "garbage"
+        return "garbage" if response_pdu_size(rx[1:]) == 0 else "short frame"
     if not check_rtu(rx[:size]):
         return "crc error"
     if rx[1] & 0x7F != function:
