@@ -240,7 +240,7 @@ class AuthWorker:
     (called on the worker thread: the owner marshals it to the loop)."""
 
     def __init__(self, authenticator: DeviceAuthenticator,
-                 on_result: Callable[[AuthRequest, AuthResult], None], name: str = "broker-auth") -> None:
+                 on_result: Callable[[AuthRequest, AuthResult], object], name: str = "broker-auth") -> None:
         self._auth = authenticator
         self._on_result = on_result
         self._queue: queue.SimpleQueue[AuthRequest | None] = queue.SimpleQueue()

@@ -1,4 +1,4 @@
-"""`cloud-broker`: run the MQTT 3.1.1/5.0 cloud broker, or check its configuration."""
+"""`cloud-broker`: run the MQTT 3.1.1/5.0 cloud broker, check its configuration, manage device credentials."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgspec
 
@@ -24,22 +25,31 @@ from cloud_broker.config import (
 log = logging.getLogger("cloud_broker")
 
 EX_UNAVAILABLE = 69  # sysexits.h: a listener could not be bound (port in use, address not available)
+EX_SOFTWARE = 70  # sysexits.h: the broker's state file cannot be used or written
+EX_CANTCREAT = 73  # sysexits.h: the credentials file cannot be written
 
 
 def _config_from_args(args: argparse.Namespace) -> BrokerConfig:
     """The config file (if any) with the quick flags layered on top."""
-    if args.quic:
+    from cloud_broker.listeners import available_kinds
+
+    if args.quic and "quic" not in available_kinds():
         raise ConfigError("--quic", "the QUIC listener is not available yet (it arrives in a later "
                                     "release); use --tcp HOST:PORT")
     base = load_config(args.config) if args.config else None
-    if base is None and not args.tcp:
+    flagged = [("tcp", text) for text in args.tcp] + [("ws", text) for text in args.ws]
+    flagged += [("quic", text) for text in args.quic]
+    if base is None and not flagged:
         raise ConfigError("", "nothing to listen on: give --config FILE or at least one --tcp HOST:PORT")
     data: dict[str, object] = {}
     if base is not None:
         data = msgspec.to_builtins(base)
-    if args.tcp:
-        endpoints = [parse_endpoint(text, "--tcp") for text in args.tcp]
-        data["listeners"] = [{"kind": "tcp", "host": host, "port": port} for host, port in endpoints]
+    if flagged:
+        listeners: list[dict[str, object]] = []
+        for kind, text in flagged:
+            host, port = parse_endpoint(text, f"--{kind}")
+            listeners.append({"kind": kind, "host": host, "port": port})
+        data["listeners"] = listeners
     if args.data is not None:
         data["data_dir"] = args.data
     if args.allow_anonymous:
@@ -64,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"cloud-broker: invalid configuration: {exc}", file=sys.stderr)
         return EX_CONFIG
     _setup_logging(cfg.log_level)
+    from cloud_broker.persistence.sqlite import StoreError
     from cloud_broker.server import serve
 
     async def main() -> int:
@@ -74,6 +85,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             endpoints = ", ".join(f"{lc.kind} {lc.host}:{lc.port}" for lc in cfg.listeners)
             print(f"cloud-broker: cannot listen on {endpoints}: {what}", file=sys.stderr)
             return EX_UNAVAILABLE
+        except StoreError as exc:
+            print(f"cloud-broker: {exc}", file=sys.stderr)
+            return EX_SOFTWARE
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -81,11 +95,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         for addr in server.addresses:
             host = f"[{addr.host}]" if ":" in addr.host else addr.host
             print(f"cloud-broker: listening {addr.kind} {host}:{addr.port}", flush=True)
+        failed = server.hub.failed
         try:
-            await stop.wait()
+            async with asyncio.TaskGroup() as tg:
+                waits = [tg.create_task(stop.wait(), name="broker-stop-signal"),
+                         tg.create_task(failed.wait(), name="broker-store-failure")]
+                _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
         finally:
             log.info("stopping: disconnecting %d connection(s)", server.hub.connection_count)
             await server.close()
+        if failed.is_set():
+            print(f"cloud-broker: stopped: broker state could not be written ({server.hub.failure}); "
+                  "check the data directory's disk and permissions, then restart", file=sys.stderr)
+            return EX_SOFTWARE
         return 0
 
     rc = asyncio.run(main())
@@ -101,9 +125,76 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"cloud-broker: invalid configuration: {exc}", file=sys.stderr)
         return EX_CONFIG
     listeners = ", ".join(f"{lc.kind} {lc.host}:{lc.port}" for lc in cfg.listeners)
-    auth = "anonymous allowed" if cfg.allow_anonymous else "anonymous refused (no credentials provider yet)"
-    print(f"cloud-broker: config OK: listeners {listeners}; {auth}; data dir {cfg.data_dir or '(none)'}")
+    auth = "anonymous allowed" if cfg.allow_anonymous else "anonymous refused"
+    store = "sqlite" if cfg.durable() else "memory"
+    print(f"cloud-broker: config OK: listeners {listeners}; {auth}; data dir {cfg.data_dir or '(none)'}; "
+          f"state in {store}")
     return 0
+
+
+def _credentials_path(args: argparse.Namespace) -> Path:
+    if args.config:
+        cfg = load_config(args.config)
+        if args.data is not None:
+            cfg = parse_config({**msgspec.to_builtins(cfg), "data_dir": args.data})
+    else:
+        if args.data is None:
+            raise ConfigError("--data", "give --data DIR (or --config FILE with data_dir)")
+        cfg = parse_config({"data_dir": args.data})
+    path = cfg.credentials_path()
+    if path is None:
+        raise ConfigError("data_dir", "the credentials file is relative but no data_dir is set")
+    return path
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from cloud_broker.auth import (
+        CredentialsError,
+        generate_password,
+        load_credentials,
+        make_credential,
+        save_credentials,
+    )
+
+    try:
+        path = _credentials_path(args)
+        creds = load_credentials(path)
+        if args.action == "list":
+            for cred in sorted(creds.values(), key=lambda c: c.name):
+                print(f"{cred.name}\t{cred.role}")
+            return 0
+        if not args.name:
+            raise ConfigError("NAME", f"device {args.action} needs a device name")
+        if args.action == "remove":
+            if args.name not in creds:
+                print(f"cloud-broker: no device named {args.name!r} in {path}", file=sys.stderr)
+                return 1
+            del creds[args.name]
+            save_credentials(path, creds)
+            print(f"cloud-broker: removed {args.name}")
+            return 0
+        if args.password_file:
+            password = Path(args.password_file).read_bytes().rstrip(b"\r\n")
+            if not password:
+                raise ConfigError("--password-file", "the file is empty")
+            generated = None
+        else:
+            generated = generate_password()
+            password = generated.encode()
+        replaced = args.name in creds
+        creds[args.name] = make_credential(args.name, password, args.role)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_credentials(path, creds)
+        print(f"cloud-broker: {'replaced' if replaced else 'added'} {args.role} {args.name}")
+        if generated is not None:
+            print(f"password: {generated}")
+        return 0
+    except (ConfigError, CredentialsError) as exc:
+        print(f"cloud-broker: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as exc:
+        print(f"cloud-broker: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -113,12 +204,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tcp", action="append", default=[], metavar="HOST:PORT",
                    help="serve MQTT over TCP on HOST:PORT (repeatable; port 0 picks a free port; "
                         "replaces the config file's listeners)")
+    p.add_argument("--ws", action="append", default=[], metavar="HOST:PORT",
+                   help="serve MQTT over WebSocket on HOST:PORT, path /mqtt (repeatable; replaces the config "
+                        "file's listeners like --tcp)")
     p.add_argument("--quic", action="append", default=[], metavar="HOST:PORT",
-                   help="serve MQTT over QUIC (not available yet: refused with a clear error)")
-    p.add_argument("--data", metavar="DIR", help="directory for durable broker state (created if missing)")
+                   help="serve MQTT over QUIC (refused with a clear error until the QUIC listener exists)")
+    p.add_argument("--data", metavar="DIR",
+                   help="directory for durable broker state: SQLite sessions/queues/retained and the "
+                        "devices.json credentials file (created if missing)")
     p.add_argument("--allow-anonymous", action="store_true",
-                   help="accept clients without credentials (default: refuse them, since no credentials "
-                        "provider exists yet every client would be refused)")
+                   help="accept clients without credentials (default: only devices from the credentials "
+                        "file and verified client certificates)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: the config's log_level, else info)")
 
@@ -140,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Validate the configuration (file and flags) without binding.")
     _add_common(check)
     check.set_defaults(func=cmd_check)
+    device = sub.add_parser(
+        "device", help="add, remove or list device credentials",
+        description="Manage the credentials file (DIR/devices.json: salted scrypt hashes). A running broker "
+                    "picks changes up at the next login. `add` without --password-file generates a "
+                    "password and prints it once.")
+    device.add_argument("action", choices=["add", "remove", "list"])
+    device.add_argument("name", nargs="?", metavar="NAME", help="device name (its MQTT user name)")
+    device.add_argument("--data", metavar="DIR", help="the broker's data directory")
+    device.add_argument("--config", "-c", metavar="FILE", help="take data_dir and [auth] from this config")
+    device.add_argument("--password-file", metavar="F", help="read the password from F (first line)")
+    device.add_argument("--role", choices=["device", "operator"], default="device",
+                        help="device: its own fg/v1/NAME/ tree; operator: may command every device")
+    device.set_defaults(func=cmd_device)
     return parser
 
 

@@ -1,24 +1,6 @@
 """Typed cloud-broker configuration: TOML or CLI flags -> frozen msgspec structs, errors named by path.
 
-Defaults live here, in the model. A file looks like:
-
-    allow_anonymous = false
-    data_dir = "/var/lib/cloud-broker"
-    log_level = "info"
-
-    [[listeners]]
-    kind = "tcp"          # "tcp"; "quic", "tls" and "ws" arrive with their listeners
-    host = "0.0.0.0"
-    port = 1883           # 0 picks a free port (printed when listening)
-
-    [limits]
-    max_packet_size_bytes = 1048576
-    receive_maximum = 1024
-    ...
-
-    [features]
-    retain_available = true
-    ...
+Defaults live here, in the model. `cloud_broker/broker.example.toml` shows and explains every key.
 """
 
 from __future__ import annotations
@@ -35,7 +17,6 @@ from uplink.mqtt.packets import MAX_PACKET_SIZE
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd units use it to stop restart loops
 
-LISTENER_KINDS_AVAILABLE = ("tcp",)
 
 
 class ConfigError(ValueError):
@@ -48,18 +29,33 @@ class ConfigError(ValueError):
 
 
 class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    kind: Literal["tcp", "quic", "tls", "ws"] = "tcp"
+    """One bound socket. TLS settings apply to kinds "tls" and "wss" (and "quic", which needs a cert)."""
+
+    kind: Literal["tcp", "tls", "ws", "wss", "quic"] = "tcp"
     host: str = "0.0.0.0"
     port: int = 1883
+    cert_file: str | None = None  # PEM server certificate chain
+    key_file: str | None = None  # PEM private key
+    ca_file: str | None = None  # PEM CAs that sign client certificates; set to ask for client certificates
+    require_client_cert: bool = False  # with ca_file: refuse TLS clients without a valid certificate
+    ws_path: str = "/mqtt"  # the HTTP path WebSocket clients upgrade on
 
     def __post_init__(self) -> None:
-        if self.kind not in LISTENER_KINDS_AVAILABLE:
-            raise ValueError(f"the {self.kind.upper()} listener is not available yet (only tcp is); "
-                             "remove it or use kind = \"tcp\"")
+        from cloud_broker.listeners import available_kinds
+
+        if self.kind not in available_kinds():
+            raise ValueError(f"the {self.kind.upper()} listener is not available in this build "
+                             f"(available: {', '.join(available_kinds())})")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be within 0..65535 (0 picks a free port)")
         if not self.host:
             raise ValueError("host must not be empty")
+        if self.kind in ("tls", "wss", "quic") and (self.cert_file is None or self.key_file is None):
+            raise ValueError(f"a {self.kind} listener needs cert_file and key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs client certificates)")
+        if not self.ws_path.startswith("/"):
+            raise ValueError("ws_path must start with '/'")
 
 
 class LimitsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -109,18 +105,106 @@ class FeaturesSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     queue_qos0_offline: bool = False
 
 
+class PersistenceSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # "sqlite": state survives restarts and SIGKILL (needs data_dir); "memory": nothing survives.
+    backend: Literal["sqlite", "memory"] = "sqlite"
+    # "full": a commit survives power loss; "normal": survives a crash of the broker process only.
+    synchronous: Literal["full", "normal"] = "full"
+
+
+class AuthSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Device credentials file; relative paths are inside data_dir. Managed by `cloud-broker device`.
+    credentials_file: str = "devices.json"
+    # A verified TLS client certificate's subject CN is the client's identity (its user name).
+    certificate_identity: bool = True
+    # Accept a verified certificate whose CN is not in the credentials file, with role "device".
+    accept_unregistered_certificates: bool = False
+    # Failed logins: this many are free per client IP and per user name, then each costs
+    # backoff_base_s * 2^n seconds of refusal (CONNACK 0x9F), at most backoff_max_s.
+    free_failures: int = 3
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.free_failures < 1:
+            raise ValueError("free_failures must be >= 1")
+        if not 0 < self.backoff_base_s <= self.backoff_max_s:
+            raise ValueError("backoff_base_s must be > 0 and <= backoff_max_s")
+
+
+class AclRuleConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    role: str = "*"  # "device", "operator", "anonymous" or "*"
+    action: Literal["publish", "subscribe", "all"] = "all"
+    topic: str
+    permission: Literal["allow", "deny"] = "allow"
+
+    def __post_init__(self) -> None:
+        from uplink.mqtt.topics import TopicError, validate_topic_filter
+
+        try:
+            validate_topic_filter(self.topic.replace("${clientid}", "x").replace("${username}", "x"))
+        except TopicError as exc:
+            raise ValueError(f"topic: {exc}") from None
+
+
+class AclSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    # Empty: the built-in rules (devices: their own fg/v1/{user}/ tree but not its cmd topic;
+    # operators: publish fg/v1/+/cmd, subscribe everything; anonymous: everything).
+    rules: tuple[AclRuleConfig, ...] = ()
+
+
+class SysSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Publish retained $SYS/broker/... statistics every interval_s seconds; 0 turns them off.
+    interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.interval_s < 0:
+            raise ValueError("interval_s must be >= 0")
+
+
+class BackpressureSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # A connection whose unsent output passes high_water_bytes is congested: QoS 0 messages for it are
+    # dropped (counted), QoS 1/2 ones wait in its session queue, and it is not read from until its
+    # output falls below low_water_bytes. Congested longer than slow_consumer_timeout_s: disconnected.
+    high_water_bytes: int = 1_048_576
+    low_water_bytes: int = 262_144
+    slow_consumer_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low_water_bytes < self.high_water_bytes:
+            raise ValueError("low_water_bytes must be >= 0 and below high_water_bytes")
+        if self.slow_consumer_timeout_s <= 0:
+            raise ValueError("slow_consumer_timeout_s must be > 0")
+
+
 class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
-    # Where durable state will live (SQLite persistence arrives later); created at start when missing.
+    # Where durable state lives (broker.sqlite3, devices.json); created at start when missing.
     data_dir: str | None = None
     allow_anonymous: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     limits: LimitsSection = LimitsSection()
     features: FeaturesSection = FeaturesSection()
+    persistence: PersistenceSection = PersistenceSection()
+    auth: AuthSection = AuthSection()
+    acl: AclSection = AclSection()
+    sys: SysSection = SysSection()
+    backpressure: BackpressureSection = BackpressureSection()
 
     def __post_init__(self) -> None:
         if not self.listeners:
             raise ValueError("listeners must name at least one listener")
+
+    def credentials_path(self) -> Path | None:
+        p = Path(self.auth.credentials_file)
+        if p.is_absolute():
+            return p
+        return Path(self.data_dir) / p if self.data_dir is not None else None
+
+    def durable(self) -> bool:
+        """Whether state is kept in SQLite (backend sqlite and a data_dir to keep it in)."""
+        return self.persistence.backend == "sqlite" and self.data_dir is not None
 
     def core_settings(self) -> CoreSettings:
         """The pure core's settings from this config."""

@@ -1,35 +1,58 @@
-"""Runs the broker in asyncio: binds the listeners, feeds the pure core, flushes its output, fires its timers.
+"""Runs the broker in asyncio: binds the listeners, feeds the pure core, flushes its output, fires its
+timers, and connects the core's deferred work to the threads that do it (journal writer, auth worker).
 
 Theory of operation. Listeners call the hub for every connection event; the hub passes them to the
 one `Broker` core with `loop.time()` as now. Output is not written at once: the first event of an
-event-loop iteration that leaves output schedules one `flush` (call_soon), which drains the core and
-writes each connection's bytes with a single `transport.write`, then closes what the core closed.
-Many PUBLISHes fanned out within one iteration therefore cost one syscall per subscriber. The core's
-timers run from a single `loop.call_at` handle, re-armed after every flush to the core's next
-deadline. There are no background tasks: everything happens in listener callbacks and that timer.
+event-loop iteration that leaves work schedules one `flush` (call_soon), which drains the core and
+writes each connection's bytes with a single `transport.write`, closes what the core closed, hands the
+journal batch to the writer thread and CONNECTs to the auth worker. Many PUBLISHes fanned out within
+one iteration therefore cost one syscall per subscriber and one journal batch. The writer reports
+commits and the auth worker verdicts back through `call_soon_threadsafe`; the core then releases the
+held PUBACKs / answers the CONNECTs, and the next flush writes them. The core's timers run from a
+single `loop.call_at` handle, re-armed after every flush. `$SYS` statistics and slow-consumer checks
+are `call_later` handles too. There are no background tasks: everything happens in listener
+callbacks, these handles and the two worker threads, which `BrokerServer.close` stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloud_broker.acl import Acl, AclRule, default_rules
+from cloud_broker.auth import AuthWorker, DeviceAuthenticator, FailureLimiter
 from cloud_broker.config import BrokerConfig
 from cloud_broker.core.broker import Broker
 from cloud_broker.core.hooks import Authenticator, Authorizer, MessageHook
-from cloud_broker.core.persistence import Persistence
-from cloud_broker.listeners.tcp import ConnectionSink, start_tcp_listener
+from cloud_broker.core.model import AuthRequest, AuthResult
+from cloud_broker.core.persistence import Persistence, StoredState
+from cloud_broker.listeners import start_listener
+from cloud_broker.listeners.base import BoundListener, ConnectionSink
+from cloud_broker.persistence.sqlite import SqlitePersistence
+from cloud_broker.persistence.writer import JournalWriter
+from cloud_broker.sys_topics import sys_messages
+from uplink.mqtt.packets import ReasonCode
 
 log = logging.getLogger("cloud_broker")
 
+VERSION = "0.1.0"
+STATE_FILE = "broker.sqlite3"
+
 
 class BrokerHub:
-    """Connects listeners to the core: connection ids, coalesced writes, the deadline timer."""
+    """Connects listeners to the core: connection ids, coalesced writes, deadlines, back-pressure,
+    and the hand-offs to the journal writer and the auth worker."""
 
-    def __init__(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, broker: Broker, loop: asyncio.AbstractEventLoop, *,
+                 high_water_bytes: int = 1_048_576, low_water_bytes: int = 262_144,
+                 slow_consumer_timeout_s: float = 60.0) -> None:
         self.broker = broker
+        self.high_water_bytes = high_water_bytes
+        self.low_water_bytes = low_water_bytes
+        self._slow_consumer_timeout_s = slow_consumer_timeout_s
         self._loop = loop
         self._sinks: dict[int, ConnectionSink] = {}
         self._next_id = 0
@@ -37,19 +60,27 @@ class BrokerHub:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._closed = False
+        self._slow: dict[int, asyncio.TimerHandle] = {}
+        self.journal: JournalWriter | None = None
+        self.auth: AuthWorker | None = None
+        self.slow_consumers_disconnected = 0
+        self.failure: Exception | None = None
+        self.failed = asyncio.Event()
 
     @property
     def connection_count(self) -> int:
         return len(self._sinks)
 
-    def open(self, sink: ConnectionSink, peer: str) -> int:
+    # ---------------------------------------------------------------- listener callbacks
+
+    def open(self, sink: ConnectionSink, peer: str, cert_identity: str | None = None) -> int:
         if self._closed:
             sink.close()
             return -1  # never known to the core: later events for it are ignored there
         self._next_id += 1
         conn_id = self._next_id
         self._sinks[conn_id] = sink
-        self.broker.connection_opened(conn_id, peer, self._loop.time())
+        self.broker.connection_opened(conn_id, peer, self._loop.time(), cert_identity)
         self._after_event()
         return conn_id
 
@@ -58,26 +89,93 @@ class BrokerHub:
         self._after_event()
 
     def lost(self, conn_id: int) -> None:
+        self._clear_slow(conn_id)
         if self._sinks.pop(conn_id, None) is not None:
             self.broker.connection_lost(conn_id, self._loop.time())
             self._after_event()
 
+    def congested(self, conn_id: int, congested: bool) -> None:
+        """The connection's write buffer passed the high-water mark, or drained below the low one.
+
+        While congested the connection is not read from either: a client that does not read its own
+        acknowledgements must not keep publishing into the broker.
+        """
+        sink = self._sinks.get(conn_id)
+        if sink is None:
+            return
+        self.broker.set_congested(conn_id, congested, self._loop.time())
+        if congested:
+            sink.pause_reading()
+            if conn_id not in self._slow:
+                self._slow[conn_id] = self._loop.call_later(self._slow_consumer_timeout_s,
+                                                            self._slow_consumer, conn_id)
+        else:
+            sink.resume_reading()
+            self._clear_slow(conn_id)
+        self._after_event()
+
+    def _clear_slow(self, conn_id: int) -> None:
+        handle = self._slow.pop(conn_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _slow_consumer(self, conn_id: int) -> None:
+        self._slow.pop(conn_id, None)
+        sink = self._sinks.pop(conn_id, None)
+        if sink is None:
+            return
+        self.slow_consumers_disconnected += 1
+        log.info("connection %d: output stuck above the high-water mark for %.0f s: disconnected",
+                 conn_id, self._slow_consumer_timeout_s)
+        self.broker.close_connection(conn_id, ReasonCode.QUOTA_EXCEEDED, self._loop.time())
+        abort = getattr(sink, "abort", None)
+        if abort is not None:
+            abort()  # its buffer will never drain: do not wait for it
+        else:
+            sink.close()
+        self._after_event()
+
+    # ---------------------------------------------------------------- worker results (on the loop)
+
+    def journal_committed(self, batch: int) -> None:
+        self.broker.journal_committed(batch, self._loop.time())
+        self._after_event()
+
+    def journal_failed(self, exc: Exception) -> None:
+        self.failure = exc
+        self.failed.set()
+
+    def auth_completed(self, request: AuthRequest, result: AuthResult) -> None:
+        self.broker.auth_completed(request.conn_id, result, self._loop.time())
+        self._after_event()
+
+    # ---------------------------------------------------------------- output and timers
+
     def _after_event(self) -> None:
-        if not self._flush_scheduled and self.broker.has_output():
+        if not self._flush_scheduled and self.broker.needs_flush():
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
         self._arm_timer()
 
     def flush(self) -> None:
-        """Write the core's output: one write per connection, then closes (after their last bytes)."""
+        """Write the core's output (one write per connection, then closes after their last bytes),
+        and hand its journal batch and authentication requests to their threads."""
         self._flush_scheduled = False
-        writes, closes = self.broker.drain()
+        broker = self.broker
+        if self.journal is not None and broker.has_journal():
+            batch, intents = broker.drain_journal()
+            self.journal.submit(batch, intents)
+        if self.auth is not None:
+            for request in broker.drain_auth_requests():
+                self.auth.submit(request)
+        writes, closes = broker.drain()
         sinks = self._sinks
         for conn_id, data in writes:
             sink = sinks.get(conn_id)
             if sink is not None:
                 sink.write(data)
         for conn_id in closes:
+            self._clear_slow(conn_id)
             sink = sinks.pop(conn_id, None)
             if sink is not None:
                 sink.close()  # an asyncio transport sends its buffered bytes before closing
@@ -98,12 +196,21 @@ class BrokerHub:
         self.flush()
         self._arm_timer()
 
+    def publish_sys(self, uptime_s: float, extra: dict[str, int]) -> None:
+        now = self._loop.time()
+        for message in sys_messages(self.broker.stats(), uptime_s, VERSION, extra):
+            self.broker.publish(message, now)
+        self._after_event()
+
     def shutdown(self) -> None:
         """Tell every client the server is going away, write that, and close all connections."""
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for handle in self._slow.values():
+            handle.cancel()
+        self._slow.clear()
         self.broker.shutdown(self._loop.time())
         self.flush()
         for sink in list(self._sinks.values()):
@@ -125,7 +232,9 @@ class BrokerServer:
     broker: Broker
     hub: BrokerHub
     addresses: list[ListenerAddress]
-    _servers: list[asyncio.Server] = field(repr=False)
+    _listeners: list[BoundListener] = field(repr=False)
+    _store: Persistence | None = field(default=None, repr=False)
+    _sys_handle: asyncio.TimerHandle | None = field(default=None, repr=False)
     _closed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -136,18 +245,34 @@ class BrokerServer:
         return out
 
     async def close(self) -> None:
-        """Stop accepting, send DISCONNECT 0x8B to MQTT 5 clients, close every connection. Idempotent."""
+        """Stop accepting, send DISCONNECT 0x8B to MQTT 5 clients, close every connection, commit the
+        journal and stop the worker threads. Idempotent."""
         if self._closed.is_set():
             return
-        for server in self._servers:
-            server.close()
-        self.hub.shutdown()
-        for server in self._servers:
-            await server.wait_closed()
         self._closed.set()
+        if self._sys_handle is not None:
+            self._sys_handle.cancel()
+        for listener in self._listeners:
+            listener.close()
+        self.hub.shutdown()
+        for listener in self._listeners:
+            await listener.wait_closed()
+        if self.hub.auth is not None:
+            await asyncio.to_thread(self.hub.auth.stop)
+        if self.hub.journal is not None:
+            await asyncio.to_thread(self.hub.journal.stop)
+        if self._store is not None:
+            self._store.close()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+
+def _authorizer_for(config: BrokerConfig) -> Authorizer | None:
+    if not config.acl.enabled:
+        return None
+    rules = tuple(AclRule(r.role, r.action, r.topic, r.permission == "allow") for r in config.acl.rules)
+    return Acl(rules or default_rules())
 
 
 async def serve(
@@ -155,31 +280,85 @@ async def serve(
     *,
     authenticator: Authenticator | None = None,
     authorizer: Authorizer | None = None,
-    persistence: Persistence | None = None,
     hooks: tuple[MessageHook, ...] = (),
 ) -> BrokerServer:
-    """Start a broker for config and return once every listener is bound. OSError if a bind fails."""
+    """Start a broker for config and return once every listener is bound. OSError if a bind fails;
+    `cloud_broker.persistence.sqlite.StoreError` if the state file cannot be used.
+
+    `authenticator` replaces the credentials-file authenticator with an in-memory one (answers on
+    the loop); `authorizer` replaces the config's ACL.
+    """
     loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    store: SqlitePersistence | None = None
+    state = StoredState()
     if config.data_dir is not None:
         # Once, at start, before serving anyone: blocking the loop for a mkdir here stalls no client.
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-    broker = Broker(config.core_settings(), authenticator=authenticator, authorizer=authorizer,
-                    persistence=persistence, hooks=hooks)
-    broker.restore(loop.time())
-    hub = BrokerHub(broker, loop)
-    servers: list[asyncio.Server] = []
+    if config.durable():
+        assert config.data_dir is not None
+        store = await asyncio.to_thread(SqlitePersistence, Path(config.data_dir) / STATE_FILE,
+                                        config.persistence.synchronous)
+        state = await asyncio.to_thread(store.load, time.time() - time.monotonic())
+    elif config.persistence.backend == "sqlite":
+        log.warning("no data_dir: broker state is kept in memory only and lost on restart")
+
+    device_auth: DeviceAuthenticator | None = None
+    if authenticator is None:
+        auth_cfg = config.auth
+        device_auth = DeviceAuthenticator(
+            config.credentials_path(), allow_anonymous=config.allow_anonymous,
+            certificate_identity=auth_cfg.certificate_identity,
+            accept_unregistered_certificates=auth_cfg.accept_unregistered_certificates,
+            limiter=FailureLimiter(auth_cfg.free_failures, auth_cfg.backoff_base_s, auth_cfg.backoff_max_s))
+    broker = Broker(config.core_settings(), authenticator=authenticator,
+                    authorizer=authorizer if authorizer is not None else _authorizer_for(config),
+                    hooks=hooks, journal=store is not None, deferred_auth=device_auth is not None)
+    broker.restore(state, loop.time())
+    bp = config.backpressure
+    hub = BrokerHub(broker, loop, high_water_bytes=bp.high_water_bytes, low_water_bytes=bp.low_water_bytes,
+                    slow_consumer_timeout_s=bp.slow_consumer_timeout_s)
+    if store is not None:
+        hub.journal = JournalWriter(
+            store,
+            on_committed=lambda batch: loop.call_soon_threadsafe(hub.journal_committed, batch),
+            on_failed=lambda exc: loop.call_soon_threadsafe(hub.journal_failed, exc))
+        hub.journal.start()
+    if device_auth is not None:
+        hub.auth = AuthWorker(device_auth,
+                              lambda req, res: loop.call_soon_threadsafe(hub.auth_completed, req, res))
+        hub.auth.start()
+    if broker.has_journal():
+        hub.flush()  # what restore changed (sessions that expired while the broker was down)
+
+    listeners: list[BoundListener] = []
     addresses: list[ListenerAddress] = []
     try:
-        for listener in config.listeners:
-            # ListenerConfig admits only kinds that exist, so this is tcp until more listeners land.
-            server = await start_tcp_listener(hub, listener.host, listener.port)
-            servers.append(server)
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                addresses.append(ListenerAddress(listener.kind, host, port))
-    except OSError:
-        for server in servers:
-            server.close()
-            await server.wait_closed()
+        for listener_cfg in config.listeners:
+            bound = await start_listener(hub, listener_cfg)
+            listeners.append(bound)
+            addresses.extend(ListenerAddress(bound.kind, host, port) for host, port in bound.addresses)
+    except (OSError, ValueError):
+        for bound in listeners:
+            bound.close()
+            await bound.wait_closed()
+        if hub.auth is not None:
+            await asyncio.to_thread(hub.auth.stop)
+        if hub.journal is not None:
+            await asyncio.to_thread(hub.journal.stop)
+        if store is not None:
+            store.close()
         raise
-    return BrokerServer(broker, hub, addresses, servers)
+    server = BrokerServer(broker, hub, addresses, listeners, store)
+
+    interval_s = config.sys.interval_s
+    if interval_s > 0:
+        def sys_tick() -> None:
+            extra = {"slow_consumers_disconnected": hub.slow_consumers_disconnected}
+            if device_auth is not None:
+                extra["auth/rate_limited"] = device_auth.rate_limited
+            hub.publish_sys(time.monotonic() - started, extra)
+            server._sys_handle = loop.call_later(interval_s, sys_tick)
+
+        sys_tick()
+    return server

@@ -374,6 +374,10 @@ class Broker:
     def has_output(self) -> bool:
         return bool(self._writes or self._closes)
 
+    def needs_flush(self) -> bool:
+        """Whether the owner has anything to take: output, journal intents or authentication requests."""
+        return bool(self._writes or self._closes or self._journal or self._auth_requests)
+
     # ---------------------------------------------------------------- durability, deferred decisions
 
     def has_journal(self) -> bool:

@@ -1,7 +1,9 @@
-"""Plain TCP listener: accepts connections and moves their bytes between sockets and the broker hub.
+"""MQTT over TCP and over TLS: accepts connections and moves their bytes between sockets and the hub.
 
 It holds no MQTT logic. Each accepted connection becomes one `asyncio.Protocol` (no streams: the
-callbacks go straight to the hub, which feeds the pure core and writes its coalesced output).
+callbacks go straight to the hub, which feeds the pure core and writes its coalesced output). The
+transport's write-buffer limits drive back-pressure: past the high-water mark the hub is told the
+connection is congested (and stops reading it) until the buffer drains below the low-water mark.
 """
 
 from __future__ import annotations
@@ -9,45 +11,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Protocol
+import ssl
+from typing import TYPE_CHECKING
+
+from cloud_broker.listeners.base import (
+    ConnectionHub,
+    ServerListener,
+    cert_identity,
+    peer_name,
+    server_ssl_context,
+)
+
+if TYPE_CHECKING:
+    from cloud_broker.config import ListenerConfig
 
 log = logging.getLogger("cloud_broker.listeners.tcp")
 
-
-class ConnectionSink(Protocol):
-    """What the hub needs from a connection to send to it: the subset of asyncio.Transport it uses."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def close(self) -> None: ...
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
-class ConnectionHub(Protocol):
-    """The broker side a listener talks to (implemented by `cloud_broker.server.BrokerHub`)."""
+class _StreamConnection(asyncio.Protocol):
+    __slots__ = ("_conn_id", "_hub", "_prefix")
 
-    def open(self, sink: ConnectionSink, peer: str) -> int: ...
-
-    def received(self, conn_id: int, data: bytes) -> None: ...
-
-    def lost(self, conn_id: int) -> None: ...
-
-
-class _TcpConnection(asyncio.Protocol):
-    __slots__ = ("_conn_id", "_hub")
-
-    def __init__(self, hub: ConnectionHub) -> None:
+    def __init__(self, hub: ConnectionHub, prefix: str) -> None:
         self._hub = hub
+        self._prefix = prefix
         self._conn_id: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # MQTT is request/response: small acks must not wait for Nagle's algorithm.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peername = transport.get_extra_info("peername")
-        peer = f"tcp:{peername[0]}:{peername[1]}" if peername else "tcp:?"
-        self._conn_id = self._hub.open(transport, peer)
+        transport.set_write_buffer_limits(self._hub.high_water_bytes, self._hub.low_water_bytes)
+        identity = cert_identity(transport) if self._prefix == "tls" else None
+        self._conn_id = self._hub.open(transport, peer_name(self._prefix, transport), identity)
 
     def data_received(self, data: bytes) -> None:
         if self._conn_id is not None:
@@ -55,6 +54,14 @@ class _TcpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return False  # half-closed MQTT connections are over: let the transport close
+
+    def pause_writing(self) -> None:
+        if self._conn_id is not None:
+            self._hub.congested(self._conn_id, True)
+
+    def resume_writing(self) -> None:
+        if self._conn_id is not None:
+            self._hub.congested(self._conn_id, False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn_id is not None:
@@ -64,8 +71,12 @@ class _TcpConnection(asyncio.Protocol):
             self._conn_id = None
 
 
-async def start_tcp_listener(hub: ConnectionHub, host: str, port: int) -> asyncio.Server:
-    """Bind host:port (0: a free port) and serve MQTT over TCP into hub. OSError if the bind fails."""
+async def start(hub: ConnectionHub, config: ListenerConfig) -> ServerListener:
+    """Bind config.host:port (0: a free port) and serve MQTT over TCP, or TLS for kind "tls"."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _TcpConnection(hub), host, port, reuse_address=True,
-                                    backlog=1024)
+    ctx: ssl.SSLContext | None = server_ssl_context(config) if config.kind == "tls" else None
+    prefix = config.kind
+    server = await loop.create_server(
+        lambda: _StreamConnection(hub, prefix), config.host, config.port, reuse_address=True, backlog=1024,
+        ssl=ctx, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if ctx is not None else None)
+    return ServerListener(config.kind, server)

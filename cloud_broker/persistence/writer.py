@@ -24,8 +24,8 @@ _STOP = None
 
 
 class JournalWriter:
-    def __init__(self, store: Persistence, on_committed: Callable[[int], None],
-                 on_failed: Callable[[Exception], None], name: str = "broker-journal") -> None:
+    def __init__(self, store: Persistence, on_committed: Callable[[int], object],
+                 on_failed: Callable[[Exception], object], name: str = "broker-journal") -> None:
         self._store = store
         self._on_committed = on_committed
         self._on_failed = on_failed
