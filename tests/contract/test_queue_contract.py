@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from store_forward.memory import MemoryQueue
-from store_forward.model import Batch, NewRecord, Priority, Queue, StoreClosed
+from store_forward.model import Batch, GapReason, Lane, NewRecord, Priority, Queue, StoreClosed
 from store_forward.policy import QueueBounds
 from store_forward.sqlite import SqliteQueue
 
@@ -292,3 +292,103 @@ def test_eviction_by_age_removes_only_records_older_than_the_bound(harness: Harn
     harness.clock.ns += 30 * 10**9
     assert q.evict(QueueBounds(max_age_s=60.0), now_s=0.0) == 1
     assert tags(q.lease(10, now_s=0.0)) == ["new"]
+
+
+def test_the_live_lane_serves_only_recent_records_and_the_backlog_the_older_ones_as_historical(
+        harness: Harness) -> None:
+    q = harness.q
+    q.append([rec("old1"), rec("old-alarm", Priority.ALARM)])
+    harness.clock.advance(120)
+    q.append([rec("new1"), rec("new2", Priority.EVENT)])
+    live = q.lease(10, now_s=0.0, lane=Lane.LIVE, live_window_s=60.0)
+    assert tags(live) == ["new2", "new1"]  # priority order within the lane
+    assert live.historical is False
+    backlog = q.lease(10, now_s=0.0, lane=Lane.BACKLOG, live_window_s=60.0)
+    assert tags(backlog) == ["old-alarm", "old1"]
+    assert backlog.historical is True
+    assert q.lease(10, now_s=0.0, lane=Lane.LIVE, live_window_s=60.0).records == ()
+
+
+def test_a_record_ages_from_the_live_lane_into_the_backlog(harness: Harness) -> None:
+    q = harness.q
+    q.append([rec("a")])
+    assert tags(q.lease(10, now_s=0.0, lane=Lane.LIVE, live_window_s=30.0, lease_s=1.0)) == ["a"]
+    harness.clock.advance(31)
+    assert q.lease(10, now_s=2.0, lane=Lane.LIVE, live_window_s=30.0).records == ()
+    again = q.lease(10, now_s=2.0, lane=Lane.BACKLOG, live_window_s=30.0)
+    assert tags(again) == ["a"] and again.historical
+
+
+def test_a_mixed_lease_is_historical_when_any_record_is_older_than_the_live_window(harness: Harness) -> None:
+    q = harness.q
+    q.append([rec("old")])
+    harness.clock.advance(100)
+    q.append([rec("new")])
+    assert q.lease(1, now_s=0.0, lane=Lane.ANY, live_window_s=60.0).historical is True
+    assert q.lease(1, now_s=0.0, lane=Lane.ANY, live_window_s=60.0).historical is False
+
+
+def test_every_eviction_is_recorded_as_a_gap_per_priority_and_cause_until_settled(harness: Harness) -> None:
+    q = harness.q
+    gen = q.stats().generation
+    s = q.append([rec("b1", Priority.BULK), rec("t1"), rec("b2", Priority.BULK), rec("t2"), rec("t3")])
+    assert q.pending_gaps() == []
+    assert q.evict(QueueBounds(max_records=2), now_s=0.0) == 3
+    gaps = q.pending_gaps()
+    got = [(g.generation, g.priority, g.first_seq, g.last_seq, g.count, g.reason, g.detail) for g in gaps]
+    assert got == [
+        (gen, Priority.BULK, s[0], s[2], 2, GapReason.EVICTED, "max_records"),
+        (gen, Priority.TELEMETRY, s[1], s[1], 1, GapReason.EVICTED, "max_records"),
+    ]
+    assert q.stats().gaps_pending == 2
+    q.settle_gap(gaps[0].gap_id)
+    q.settle_gap(gaps[0].gap_id)  # idempotent
+    assert [g.gap_id for g in q.pending_gaps()] == [gaps[1].gap_id]
+    q = harness.reopen()
+    if harness.kind == "sqlite":  # durable: survives a restart
+        assert [g.gap_id for g in q.pending_gaps()] == [gaps[1].gap_id]
+
+
+def test_age_eviction_is_recorded_with_its_own_cause(harness: Harness) -> None:
+    q = harness.q
+    q.append([rec("old")])
+    harness.clock.advance(100)
+    q.append([rec("new")])
+    assert q.evict(QueueBounds(max_age_s=50.0), now_s=0.0) == 1
+    (gap,) = q.pending_gaps()
+    assert (gap.detail, gap.count, gap.first_seq) == ("max_age", 1, 1)
+
+
+def test_thinning_drops_every_other_record_of_the_class_and_keeps_the_oldest(harness: Harness) -> None:
+    q = harness.q
+    seqs = q.append([rec(f"t{i}") for i in range(8)])
+    bounds = QueueBounds(max_records=5, thin=frozenset({Priority.TELEMETRY}))
+    assert q.evict(bounds, now_s=0.0) == 3
+    assert tags(q.lease(10, now_s=0.0)) == ["t0", "t2", "t4", "t6", "t7"]
+    (gap,) = q.pending_gaps()
+    assert (gap.first_seq, gap.last_seq, gap.count) == (seqs[1], seqs[5], 3)
+
+
+def test_thinning_passes_again_over_a_lane_that_is_still_too_big(harness: Harness) -> None:
+    q = harness.q
+    q.append([rec(f"t{i}") for i in range(8)])
+    assert q.evict(QueueBounds(max_records=2, thin=frozenset({Priority.TELEMETRY})), now_s=0.0) == 6
+    assert tags(q.lease(10, now_s=0.0)) == ["t0", "t4"]
+
+
+def test_alarms_are_evicted_only_when_configured(harness: Harness) -> None:
+    q = harness.q
+    q.append([rec("a1", Priority.ALARM), rec("a2", Priority.ALARM)])
+    assert q.evict(QueueBounds(max_records=1), now_s=0.0) == 0
+    assert q.evict(QueueBounds(max_records=1, protected=frozenset()), now_s=0.0) == 1
+    assert tags(q.lease(10, now_s=0.0)) == ["a2"]
+
+
+def test_a_full_disk_eviction_frees_the_requested_bytes_by_policy(harness: Harness) -> None:
+    q = harness.q
+    q.append([NewRecord("t", b"x" * 100, 1, Priority.BULK) for _ in range(5)])
+    q.append([NewRecord("t", b"a" * 100, 1, Priority.ALARM)])
+    assert q.evict(QueueBounds(), now_s=0.0, free_bytes=250) == 3
+    assert {g.detail for g in q.pending_gaps()} == {"disk_full"}
+    assert q.evict(QueueBounds(), now_s=0.0, free_bytes=10_000) == 2  # alarms stay protected
+    assert q.stats().depth_by_priority == (1, 0, 0, 0, 0)
