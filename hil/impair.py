@@ -49,7 +49,7 @@ import signal
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol
@@ -58,6 +58,9 @@ UDP_MAX_DATAGRAM_BYTES = 65535
 LINUX_MIN_RTO_S = 0.2
 _UDP_READS_PER_WAKEUP = 256  # datagrams drained per readiness callback, so one busy flow cannot starve others
 _TCP_READ_BYTES = 65536
+# large socket buffers (the kernel caps them at net.core.[rw]mem_max) so bursts are lost by the model, not
+# by an overflowing relay socket
+_UDP_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------- time
@@ -128,10 +131,6 @@ class ManualClock:
 # ------------------------------------------------------------------------------------------ config
 
 
-def _cycle(hosts: tuple[str, ...]) -> Iterator[str] | None:
-    return itertools.cycle(hosts) if hosts else None
-
-
 def _check(ok: bool, name: str, rule: str) -> None:
     if not ok:
         raise ValueError(f"{name} {rule}")
@@ -190,7 +189,7 @@ class Profile:
     blackhole_s: float = 0.0
     blackhole_every_s: float | None = None  # None: one window only
     rebind_every_s: float | None = None
-    rebind_hosts: tuple[str, ...] = ()  # cycled through at each rebind; empty: keep the host, new port
+    rebind_hosts: tuple[str, ...] = ()  # each rebind moves to the next one; empty: keep the host, new port
     handover_gap_s: float = 0.0  # blackhole this long at each scheduled rebind (radio handover gap)
 
     def __post_init__(self) -> None:
@@ -490,12 +489,12 @@ class ImpairmentProxy:
         self._blackholes = BlackholeWindows()
         self._stats = {d: DirectionStats() for d in Direction}
         self._rebinds = 0
-        self._rebind_hosts = _cycle(self._profile.rebind_hosts)
         loopback = upstream[0].startswith("127.") or upstream[0] == "localhost"
         self._outbound_host = outbound_host or ("127.0.0.1" if loopback else "0.0.0.0")
         self._rebind_timer: TimerHandle | None = None
         self._timers: set[TimerHandle] = set()
         self._wakers: set[asyncio.Future[None]] = set()
+        self._stats_changed = asyncio.Event()
         self._closed = False
         self._address: Address | None = None
         # UDP
@@ -535,9 +534,7 @@ class ImpairmentProxy:
         """Bind the listening socket; from now on traffic is relayed."""
         loop = asyncio.get_running_loop()
         if self.kind == "udp":
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            sock.bind(self._listen)
+            sock = _udp_socket(self._listen)
             self._listen_sock = sock
             self._address = sock.getsockname()[:2]
             loop.add_reader(sock, self._on_client_readable)
@@ -581,7 +578,6 @@ class ImpairmentProxy:
         self._profile = profile
         for d in Direction:
             self._shapers[d].impairment = profile.link(d)
-        self._rebind_hosts = _cycle(profile.rebind_hosts)
         self._apply_schedule()
         self._poke()
 
@@ -609,11 +605,15 @@ class ImpairmentProxy:
     def rebind(self, host: str | None = None) -> None:
         """Change the proxy's outbound address: UDP flows move to a new local port (and host, if given or
         if the profile cycles hosts); TCP connections are cut with RST and new ones dial from the new host."""
-        if host is None and self._rebind_hosts is not None:
-            host = next(self._rebind_hosts)
+        hosts = self._profile.rebind_hosts
+        if host is None and hosts:
+            # the host after the current one, so every scheduled rebind really changes the address
+            i = hosts.index(self._outbound_host) + 1 if self._outbound_host in hosts else 0
+            host = hosts[i % len(hosts)]
         if host is not None:
             self._outbound_host = host
         self._rebinds += 1
+        self._stats_changed.set()
         if self.kind == "udp":
             loop = asyncio.get_running_loop()
             for flow in self._flows.values():
@@ -632,6 +632,16 @@ class ImpairmentProxy:
         if self.kind == "udp":
             return [flow.sock.getsockname()[:2] for flow in self._flows.values()]
         return [w.get_extra_info("sockname")[:2] for c in self._conns for w in c.writers[1:2]]
+
+    async def wait_stats(self, predicate: Callable[[ProxyStats], bool],
+                         timeout_s: float = 10.0) -> ProxyStats:
+        """Wait until the counters satisfy predicate (a sync point for tests and rigs); TimeoutError after
+        timeout_s of real time."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate(stats := self.stats()):
+                self._stats_changed.clear()
+                await self._stats_changed.wait()
+        return stats
 
     def stats(self) -> ProxyStats:
         return ProxyStats(
@@ -710,14 +720,7 @@ class ImpairmentProxy:
     # ---- UDP relay
 
     def _udp_outbound_socket(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        try:
-            sock.bind((self._outbound_host, 0))
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return _udp_socket((self._outbound_host, 0))
 
     def _on_client_readable(self) -> None:
         assert self._listen_sock is not None
@@ -749,6 +752,7 @@ class ImpairmentProxy:
                 self._admit_datagram(flow, Direction.DOWN, data)
 
     def _admit_datagram(self, flow: _UdpFlow, direction: Direction, data: bytes) -> None:
+        self._stats_changed.set()
         now_s = self.clock.now_s()
         stats = self._stats[direction]
         stats.received_packets += 1
@@ -770,6 +774,7 @@ class ImpairmentProxy:
     def _send_datagram(self, flow: _UdpFlow, direction: Direction, data: bytes) -> None:
         if self._closed:
             return
+        self._stats_changed.set()
         stats = self._stats[direction]
         if self._blackholes.is_dark(self.clock.now_s()):  # in flight when the tunnel started: lost
             stats.count_drop(DropReason.BLACKHOLE, len(data))
@@ -814,6 +819,7 @@ class ImpairmentProxy:
             return
         index = next(self._conn_seq)
         self._accepted += 1
+        self._stats_changed.set()
         conn = _TcpConn(index)
         conn.writers.append(writer)
         conn.task = self._tg.create_task(self._serve_tcp(conn, reader, writer),
@@ -829,6 +835,7 @@ class ImpairmentProxy:
                     self.upstream[0], self.upstream[1], local_addr=(self._outbound_host, 0))
             except OSError:
                 self._connect_failures += 1
+                self._stats_changed.set()
                 _abort_with_rst(c_writer)  # the client learns it as a refused/reset connection
                 return
             conn.writers.append(s_writer)
@@ -856,6 +863,7 @@ class ImpairmentProxy:
                     await w.wait_closed()
         finally:
             self._conns.discard(conn)
+            self._stats_changed.set()
             for w in conn.writers:
                 if not w.transport.is_closing():
                     w.transport.abort()
@@ -880,6 +888,7 @@ class ImpairmentProxy:
                 if verdict.penalty_s:
                     stats.penalized_chunks += 1
                 queue.put(verdict.due_s, chunk)
+            self._stats_changed.set()
 
     async def _tcp_write(self, writer: asyncio.StreamWriter, queue: _StreamQueue,
                          direction: Direction) -> None:
@@ -905,6 +914,7 @@ class ImpairmentProxy:
                 queue.changed.set()
                 stats.forwarded_packets += len(out)
                 stats.forwarded_bytes += len(data)
+                self._stats_changed.set()
             if eof:
                 if writer.can_write_eof():
                     writer.write_eof()
@@ -917,6 +927,20 @@ class ImpairmentProxy:
             conn.task.cancel()
         self._conns.discard(conn)
         self._cut += 1
+        self._stats_changed.set()
+
+
+def _udp_socket(local: Address) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_SOCKET_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UDP_SOCKET_BUFFER_BYTES)
+        sock.bind(local)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
