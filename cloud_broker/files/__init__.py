@@ -1,0 +1,1 @@
+"""EMQX-compatible MQTT file transfer on the broker: `$file/` commands, fragments, assembly, export."""
