@@ -84,7 +84,8 @@ class RawClient:
         return self.closed
 
     def connect(self, client_id: str, *, clean: bool = True, expiry_s: int | None = None,
-                username: str | None = None, password: bytes | None = None, keep_alive_s: int = 60) -> ConnAck:
+                username: str | None = None, password: bytes | None = None,
+                keep_alive_s: int = 60) -> ConnAck:
         props = Properties(session_expiry_interval=expiry_s) if expiry_s is not None else NO_PROPERTIES
         self.send(Connect(client_id, protocol_level=self.level, clean_start=clean, keep_alive_s=keep_alive_s,
                           username=username, password=password,
