@@ -73,7 +73,9 @@ def quarantine(path: str | os.PathLike[str], now_ns: int) -> str:
     """Move the store and its WAL/SHM aside under a timestamped name (never deleted); returns the new
     path of the database file."""
     src = os.fspath(path)
-    stamp = datetime.fromtimestamp(now_ns / 1e9, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    # Integer arithmetic: a float of epoch ns rounds the microseconds.
+    seconds = datetime.fromtimestamp(now_ns // 10**9, UTC).strftime("%Y%m%dT%H%M%S")
+    stamp = f"{seconds}.{now_ns // 1000 % 10**6:06d}Z"
     dst = f"{src}.corrupt-{stamp}"
     n = 1
     while os.path.exists(dst):  # two quarantines in one microsecond: never overwrite evidence

@@ -903,6 +903,9 @@ class DamagedStore:
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
             self._conn.execute("PRAGMA query_only = 1")
+            # A truncated file has fewer pages than its header claims; SQLite refuses to read such a file
+            # at all unless writable_schema is on (query_only keeps this reader from writing anything).
+            self._conn.execute("PRAGMA writable_schema = ON")
         except sqlite3.Error as e:
             self._problem("open", e)
             self._conn = None
