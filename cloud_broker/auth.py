@@ -149,12 +149,15 @@ class DeviceAuthenticator:
 
     def __init__(self, credentials_path: Path | None, *, allow_anonymous: bool = False,
                  certificate_identity: bool = True, accept_unregistered_certificates: bool = False,
-                 limiter: FailureLimiter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 limiter: FailureLimiter | None = None, ip_limiter: FailureLimiter | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._path = credentials_path
         self._allow_anonymous = allow_anonymous
         self._cert_identity = certificate_identity
         self._accept_unregistered = accept_unregistered_certificates
+        # Per user name, and per client IP with a larger allowance (many devices may share a NAT address).
         self._limiter = limiter or FailureLimiter()
+        self._ip_limiter = ip_limiter or FailureLimiter(free_failures=20)
         self._clock = clock
         self._creds: dict[str, DeviceCredential] = {}
         self._mtime_ns: int | None = None
@@ -180,8 +183,8 @@ class DeviceAuthenticator:
         now = self._clock()
         ip_key = "ip:" + _peer_ip(request.peer)
         user_key = "user:" + (request.username or request.cert_identity or "")
-        limiter = self._limiter
-        if limiter.blocked(ip_key, now) or limiter.blocked(user_key, now):
+        limiter, ip_limiter = self._limiter, self._ip_limiter
+        if ip_limiter.blocked(ip_key, now) or limiter.blocked(user_key, now):
             self.rate_limited += 1
             return AuthResult(ReasonCode.CONNECTION_RATE_EXCEEDED)
         try:
@@ -191,11 +194,12 @@ class DeviceAuthenticator:
             return AuthResult(ReasonCode.SERVER_UNAVAILABLE)
         result = self._decide(request)
         if result.reason_code == ReasonCode.SUCCESS:
-            limiter.succeeded(ip_key)
             limiter.succeeded(user_key)
         else:
+            # An IP's record is not cleared by one success: an attacker with one valid account
+            # must not reset the backoff of its guesses at others.
             self.failed_logins += 1
-            limiter.failed(ip_key, now)
+            ip_limiter.failed(ip_key, now)
             limiter.failed(user_key, now)
             log.info("refused login of %r from %s: reason 0x%02X", request.username or request.cert_identity,
                      request.peer, result.reason_code)

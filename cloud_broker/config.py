@@ -119,15 +119,16 @@ class AuthSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     certificate_identity: bool = True
     # Accept a verified certificate whose CN is not in the credentials file, with role "device".
     accept_unregistered_certificates: bool = False
-    # Failed logins: this many are free per client IP and per user name, then each costs
-    # backoff_base_s * 2^n seconds of refusal (CONNACK 0x9F), at most backoff_max_s.
+    # Failed logins: this many are free per user name (free_failures_per_ip per client IP), then each
+    # costs backoff_base_s * 2^n seconds of refusal (CONNACK 0x9F), at most backoff_max_s.
     free_failures: int = 3
+    free_failures_per_ip: int = 20
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.free_failures < 1:
-            raise ValueError("free_failures must be >= 1")
+        if self.free_failures < 1 or self.free_failures_per_ip < 1:
+            raise ValueError("free_failures and free_failures_per_ip must be >= 1")
         if not 0 < self.backoff_base_s <= self.backoff_max_s:
             raise ValueError("backoff_base_s must be > 0 and <= backoff_max_s")
 

@@ -310,7 +310,9 @@ async def serve(
             config.credentials_path(), allow_anonymous=config.allow_anonymous,
             certificate_identity=auth_cfg.certificate_identity,
             accept_unregistered_certificates=auth_cfg.accept_unregistered_certificates,
-            limiter=FailureLimiter(auth_cfg.free_failures, auth_cfg.backoff_base_s, auth_cfg.backoff_max_s))
+            limiter=FailureLimiter(auth_cfg.free_failures, auth_cfg.backoff_base_s, auth_cfg.backoff_max_s),
+            ip_limiter=FailureLimiter(auth_cfg.free_failures_per_ip, auth_cfg.backoff_base_s,
+                                      auth_cfg.backoff_max_s))
     broker = Broker(config.core_settings(), authenticator=authenticator,
                     authorizer=authorizer if authorizer is not None else _authorizer_for(config),
                     hooks=hooks, journal=store is not None, deferred_auth=device_auth is not None)

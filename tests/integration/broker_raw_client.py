@@ -103,12 +103,17 @@ class RawClient:
     def publish_acked(self, topic: str, payload: bytes, qos: int, pid: int, timeout_s: float = 5.0) -> Packet:
         """Publish QoS 1/2 and wait for its PUBACK / PUBREC (completing QoS 2 with PUBREL)."""
         self.send(Publish(topic, payload, qos=qos, packet_id=pid))
-        while True:
-            packet = self.next(timeout_s)
-            if isinstance(packet, PubAck | PubRec) and packet.packet_id == pid:
-                if isinstance(packet, PubRec):
-                    self.send(PubRel(pid))
-                return packet
+        others: list[Packet] = []
+        try:
+            while True:
+                packet = self.next(timeout_s)
+                if isinstance(packet, PubAck | PubRec) and packet.packet_id == pid:
+                    if isinstance(packet, PubRec):
+                        self.send(PubRel(pid))
+                    return packet
+                others.append(packet)
+        finally:
+            self.inbox[:0] = others  # what arrived meanwhile stays for the caller
 
     def close(self) -> None:
         self.sock.close()

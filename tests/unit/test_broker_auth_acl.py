@@ -115,12 +115,15 @@ def test_devices_log_in_with_their_password_and_get_their_role(creds: Path) -> N
 
 def test_repeated_failures_are_refused_with_growing_backoff_per_ip_and_per_user(creds: Path) -> None:
     clock = Clock()
-    auth = DeviceAuthenticator(creds, limiter=FailureLimiter(free_failures=2, base_s=1.0), clock=clock)
+    auth = DeviceAuthenticator(creds, limiter=FailureLimiter(free_failures=2, base_s=1.0),
+                               ip_limiter=FailureLimiter(free_failures=4, base_s=1.0), clock=clock)
     for _ in range(2):
         assert auth.authenticate(req("d1", b"wrong")).reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD
     # Blocked now, even with the right password, from this IP and for this user from elsewhere.
     assert auth.authenticate(req("d1", b"right")).reason_code == ReasonCode.CONNECTION_RATE_EXCEEDED
     assert auth.authenticate(req("d1", b"right", peer="tcp:10.9.9.9:1")).reason_code == 0x9F
+    # Other users from the same IP still get in until the IP's own, larger allowance is spent.
+    assert auth.authenticate(req("ops", b"op")).reason_code == 0
     clock.now += 1.5
     assert auth.authenticate(req("d1", b"wrong")).reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD
     clock.now += 1.5  # the third failure doubled the wait to 2 s
@@ -128,6 +131,10 @@ def test_repeated_failures_are_refused_with_growing_backoff_per_ip_and_per_user(
     clock.now += 1.0
     assert auth.authenticate(req("d1", b"right")).reason_code == 0
     assert auth.rate_limited == 3
+    for _ in range(2):
+        auth.authenticate(req("ghost", b"x"))  # the IP's 4th and 5th failures: now the IP is blocked
+    assert auth.authenticate(req("ops", b"op")).reason_code == ReasonCode.CONNECTION_RATE_EXCEEDED
+    assert auth.authenticate(req("ops", b"op", peer="tcp:10.0.0.2:1")).reason_code == 0
 
 
 def test_a_certificate_identity_logs_in_as_its_device_and_cannot_claim_another(creds: Path) -> None:
