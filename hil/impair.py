@@ -481,6 +481,7 @@ class ImpairmentProxy:
             raise ValueError(f"kind must be 'udp' or 'tcp', not {kind!r}")
         self.kind = kind
         self.upstream = upstream
+        self._upstream_ip: Address = upstream
         self._listen = listen
         self.clock: Clock = clock or LoopClock()
         self.seed = seed
@@ -534,6 +535,9 @@ class ImpairmentProxy:
         """Bind the listening socket; from now on traffic is relayed."""
         loop = asyncio.get_running_loop()
         if self.kind == "udp":
+            # datagrams from upstream are matched by address, so compare against its numeric form
+            infos = await loop.getaddrinfo(*self.upstream, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+            self._upstream_ip = (str(infos[0][4][0]), int(infos[0][4][1]))
             sock = _udp_socket(self._listen)
             self._listen_sock = sock
             self._address = sock.getsockname()[:2]
@@ -748,7 +752,7 @@ class ImpairmentProxy:
                 return
             except OSError:
                 continue  # ICMP port unreachable from a restarting server: the datagram is lost, as on a wire
-            if addr[:2] == self.upstream:  # a NAT forwards only what comes from the mapped server
+            if addr[:2] == self._upstream_ip:  # a NAT forwards only what comes from the mapped server
                 self._admit_datagram(flow, Direction.DOWN, data)
 
     def _admit_datagram(self, flow: _UdpFlow, direction: Direction, data: bytes) -> None:
@@ -782,7 +786,7 @@ class ImpairmentProxy:
         try:
             if direction is Direction.UP:
                 # the flow's current socket: after a rebind, the new one
-                flow.sock.sendto(data, self.upstream)
+                flow.sock.sendto(data, self._upstream_ip)
             else:
                 assert self._listen_sock is not None
                 self._listen_sock.sendto(data, flow.client)
@@ -849,8 +853,9 @@ class ImpairmentProxy:
                                        name=f"impair-tcp-conn-{conn.index}-{direction}-read")
                         tg.create_task(self._tcp_write(dst, queue, direction),
                                        name=f"impair-tcp-conn-{conn.index}-{direction}-write")
-            except* ConnectionError:
-                # one side reset: pass the reset on to the other side rather than a clean close
+            except* OSError:
+                # one side reset (or its socket failed): pass the reset on to the other side rather than a
+                # clean close; the failure stays within this connection, the proxy keeps serving
                 reset = True
             if reset:
                 for w in conn.writers:

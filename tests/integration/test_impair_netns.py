@@ -73,7 +73,7 @@ def namespaces() -> str:
 
 def test_two_namespaces_talk_over_their_veth_pair_and_vanish_afterwards() -> None:
     need(nft=False)
-    with NetnsPair(index=4001) as net:
+    with NetnsPair() as net:
         assert net.address("a").startswith("198.18.") and net.address("b").startswith("198.18.")
         start_server(net)
         assert ask(net) == "udp=ok tcp=ok"
@@ -85,7 +85,7 @@ def test_two_namespaces_talk_over_their_veth_pair_and_vanish_afterwards() -> Non
 
 def test_blocking_udp_leaves_tcp_working_and_unblocking_restores_udp() -> None:
     need(nft=True)
-    with NetnsPair(index=4002) as net:
+    with NetnsPair() as net:
         start_server(net)
         net.block("a", "udp")
         assert ask(net) == "udp=timeout tcp=ok"

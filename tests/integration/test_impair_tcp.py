@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import socket
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -222,3 +224,17 @@ async def test_run_time_changes_apply_to_new_tcp_data() -> None:
                 assert await reader.readexactly(4) == b"slow"
         finally:
             writer.close()
+
+
+async def test_a_client_reset_is_passed_upstream_and_the_proxy_keeps_serving() -> None:
+    async with echo_rig(Profile()) as (proxy, _):
+        reader, writer = await asyncio.open_connection(*proxy.address)
+        writer.write(b"x")
+        async with asyncio.timeout(STEP_TIMEOUT_S):
+            assert await reader.readexactly(1) == b"x"
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST from the client
+        await proxy.wait_stats(lambda s: s.connections_open == 0)
+        data = payload(5000)
+        assert await round_trip(proxy.address, data) == data

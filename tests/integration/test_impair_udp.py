@@ -277,3 +277,20 @@ async def test_profile_changes_apply_at_run_time() -> None:
         await server.wait_count(1)
         assert [d for d, _, _ in server.received] == [b"kept"]
         assert proxy.stats().up.dropped(DropReason.LOSS) == 1
+
+
+async def test_an_upstream_given_by_name_is_matched_by_its_address() -> None:
+    loop = asyncio.get_running_loop()
+    server_t, server = await loop.create_datagram_endpoint(lambda: Endpoint(echo=True),
+                                                           local_addr=("127.0.0.1", 0))
+    try:
+        async with ImpairmentProxy(("localhost", server.local[1]), kind="udp") as proxy:
+            client_t, client = await loop.create_datagram_endpoint(lambda: Endpoint(echo=False),
+                                                                   remote_addr=proxy.address)
+            try:
+                client.send(b"by name")
+                await client.wait_count(1)
+            finally:
+                client_t.close()
+    finally:
+        server_t.close()
