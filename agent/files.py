@@ -595,14 +595,14 @@ class FileUploader:
         else:
             code = await self.uplink.publish(action.topic, b"", qos=1)
         machine.command_acked(action, code, self._clock())
-        if code < 0x80:
-            if isinstance(action, SendSegment):
-                await self._db(outbox.ack_segment, row_id, action.offset)
-                if progress is not None:
-                    progress(machine.bytes_acked, plan.size)
-            elif isinstance(action, SendInit):
-                await self._db(outbox.ack_init, row_id)
-        else:
+        # The machine decides what counts as stored (0x10, for one, does not); persist exactly that.
+        if isinstance(action, SendSegment) and action.offset in machine.acked:
+            await self._db(outbox.ack_segment, row_id, action.offset)
+            if progress is not None:
+                progress(machine.bytes_acked, plan.size)
+        elif isinstance(action, SendInit) and machine.init_acked:
+            await self._db(outbox.ack_init, row_id)
+        elif code:
             log.info("files: %s refused with 0x%02X", _label(action), code)
         self._changed.set()
 

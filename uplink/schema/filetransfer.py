@@ -519,7 +519,9 @@ class UploadMachine:
         self._in_flight.discard(key)
         if self.finished:
             return
-        if reason_code < 0x80:
+        # 0x10 is a success code to MQTT but here means the broker routed our command as a plain
+        # message: file transfer is off and nothing was stored.
+        if reason_code < 0x80 and reason_code != RC_NO_MATCHING_SUBSCRIBERS:
             if isinstance(action, SendInit):
                 self.init_acked = True
             elif isinstance(action, SendSegment):
@@ -533,7 +535,7 @@ class UploadMachine:
                 if early is not None:
                     self.response_received(early, now)
             return
-        if isinstance(action, SendFin):
+        if isinstance(action, SendFin) and reason_code != RC_NO_MATCHING_SUBSCRIBERS:
             self._fin_failed(f"fin refused with 0x{reason_code:02X}", now)
         else:
             self._refused(key, reason_code, now)
