@@ -177,11 +177,16 @@ class AsyncQueue:
         """Live first, then backlog within budget: the forwarder's one lease call.
 
         Returns an empty batch when nothing live is free and the backlog is empty or out of budget;
-        `backlog_budget.wait_s(now_s)` says how long until the backlog may go again."""
+        `backlog_budget.wait_s(now_s, max_bytes)` says how long until the backlog may go again."""
         window_s = self.lanes.live_window_s
-        allowance = self.backlog_budget.allowance(now_s)
-        backlog_max = max_bytes if allowance is None else (
-            allowance if max_bytes is None else min(max_bytes, allowance))
+        budget = self.backlog_budget
+        allowance = budget.allowance(now_s)
+        if not budget.ready(now_s, max_bytes):
+            backlog_max: int | None = 0  # wait for a whole batch's worth of budget
+        elif allowance is None:
+            backlog_max = max_bytes
+        else:
+            backlog_max = allowance if max_bytes is None else min(max_bytes, allowance)
 
         def live_then_backlog(q: Queue) -> Batch:
             batch = q.lease(max_items, now_s, max_bytes=max_bytes, lease_s=lease_s, lane=Lane.LIVE,

@@ -226,8 +226,10 @@ class LanePolicy:
 class BacklogBudget:
     """Token bucket for the backlog lane (pure: monotonic `now_s` is passed in).
 
-    The bucket starts full. `allowance` may be spent beyond zero by one oversized batch (a batch takes
-    at least one record, whatever its size); the debt is repaid before the next backlog lease."""
+    The bucket starts full. The backlog leases only once the bucket holds a whole batch's worth
+    (`ready`), so it goes out in full batches at the configured average rate rather than in slivers. A
+    lease may still overspend by one oversized record (a batch always takes at least one record); the
+    debt is repaid before the next backlog lease."""
 
     def __init__(self, policy: LanePolicy) -> None:
         self._policy = policy
@@ -255,13 +257,22 @@ class BacklogBudget:
         self._refill(now_s)
         self._tokens -= n_bytes
 
-    def wait_s(self, now_s: float) -> float:
-        """Seconds until the backlog may lease again (0 when it may now)."""
+    def batch_bytes(self, max_bytes: int | None) -> int:
+        """The budget a backlog lease waits for: a whole batch, but never more than the burst."""
+        burst = self._policy.backlog_burst_bytes
+        return burst if max_bytes is None else min(max_bytes, burst)
+
+    def ready(self, now_s: float, max_bytes: int | None) -> bool:
+        allowance = self.allowance(now_s)
+        return allowance is None or allowance >= self.batch_bytes(max_bytes)
+
+    def wait_s(self, now_s: float, max_bytes: int | None = None) -> float:
+        """Seconds until a backlog lease of up to `max_bytes` may go (0 when it may now)."""
         rate = self._policy.backlog_bytes_per_s
         if rate is None:
             return 0.0
         self._refill(now_s)
-        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / rate
+        return max(0.0, (self.batch_bytes(max_bytes) - self._tokens) / rate)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,15 @@ Flash wear. `stats()` reports the bytes this process wrote to storage since the 
 /proc/self/io `write_bytes`, or the growth of the DB and WAL files when that is unavailable or zero,
 e.g. on tmpfs), their ratio to payload bytes appended (write amplification) and an hourly rate.
 
+Full disk. On a full disk SQLite cannot even delete: a DELETE writes WAL frames, and a checkpoint
+grows the database file. So a queue that filled the disk could never drain. The store therefore keeps
+a ballast file `<path>-reserve` (`reserve_bytes`, default 256 KiB): when a settle, eviction or gap
+settlement fails with SQLITE_FULL, the ballast is released and the operation retried once, and the
+ballast is re-created at a later checkpoint when the file system has room again. Appends (and the
+checkpoints they trigger) never release it: it exists so that what is stored can always be delivered
+or evicted. It covers forwarder-sized settles (hundreds of records), not deleting a whole store in one
+transaction (a DELETE writes every page it touches to the WAL).
+
 Leases live in memory (`leases.LeaseBook`); the database never records them, so after a crash every
 unsettled record is leaseable again. One process may open the store for writing at a time: an
 exclusive `flock` on the file enforces it (`StoreBusy`). Read-only inspection (`open_readonly`) takes
@@ -56,7 +65,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 from store_forward.leases import LeaseBook, choose, split_settlement
 from store_forward.model import (
@@ -92,6 +101,7 @@ from store_forward.policy import (
 )
 
 Integrity = Literal["off", "quick", "full"]
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +111,7 @@ PAGE_SIZE = 4096
 WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
 JOURNAL_SIZE_LIMIT_BYTES = 8 * 1024 * 1024
 BUSY_TIMEOUT_MS = 5000
+RESERVE_BYTES = 256 * 1024
 _IN_CHUNK = 500  # stays below SQLITE_MAX_VARIABLE_NUMBER on old builds (999)
 
 # Schema 2 adds the gaps table; a version 1 store gets it on open (see `_migrate`).
@@ -295,7 +306,7 @@ class SqliteQueue:
     def __init__(self, path: str | os.PathLike[str], *, synchronous: Literal["FULL", "NORMAL"] = "FULL",
                  clock_ns: Callable[[], int] = time.time_ns,
                  wal_checkpoint_bytes: int = WAL_CHECKPOINT_BYTES, integrity: Integrity = "quick",
-                 generation: str | None = None) -> None:
+                 generation: str | None = None, reserve_bytes: int = RESERVE_BYTES) -> None:
         """Open or create the store. `generation` fixes the id of a store created now (salvage uses it
         to report the new generation); it is ignored for an existing store."""
         if synchronous not in ("FULL", "NORMAL"):
@@ -304,6 +315,8 @@ class SqliteQueue:
             raise ValueError("integrity must be 'off', 'quick' or 'full'")
         self.path = os.fspath(path)
         self._new_generation = generation
+        self._reserve_path = self.path + "-reserve"
+        self._reserve_bytes = reserve_bytes
         self._clock_ns = clock_ns
         self._wal_checkpoint_bytes = wal_checkpoint_bytes
         self._wal_bytes_since_checkpoint = 0
@@ -314,6 +327,7 @@ class SqliteQueue:
             self._conn = self._connect()
             self._prepare(synchronous, integrity)
             self._wear = _WearMeter(self.path, self._counters.appended_bytes_total, self._clock_ns())
+            self._reserve_ok = self._ensure_reserve()
         except BaseException:
             self._release()
             raise
@@ -528,8 +542,11 @@ class SqliteQueue:
         return lo
 
     def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None:
-        conn = self._db()
         acked_l, rejected_l, released = split_settlement(batch, self.generation, acked, rejected)
+        self._using_reserve(lambda: self._settle(batch, acked_l, rejected_l, released))
+
+    def _settle(self, batch: Batch, acked_l: list[int], rejected_l: list[int], released: list[int]) -> None:
+        conn = self._db()
         done = acked_l + rejected_l
         if done:
             by_seq = {r.seq: r for r in batch.records}
@@ -586,6 +603,9 @@ class SqliteQueue:
     def evict(self, bounds: QueueBounds, now_s: float, *, free_bytes: int = 0) -> int:
         """Delete what `policy.plan_eviction` selects and record it as gaps, in one transaction; returns
         the number deleted. `free_bytes` asks for that many payload bytes more (the disk is full)."""
+        return self._using_reserve(lambda: self._evict(bounds, now_s, free_bytes))
+
+    def _evict(self, bounds: QueueBounds, now_s: float, free_bytes: int) -> int:
         conn = self._db()
         self._book.observe(now_s)
         c = self._counters
@@ -644,9 +664,12 @@ class SqliteQueue:
         return [_gap_of(row) for row in rows]
 
     def settle_gap(self, gap_id: int) -> None:
-        conn = self._db()
-        with _translate(self.path, f"settle gap {gap_id}"), self._transaction(conn):
-            conn.execute("DELETE FROM gaps WHERE gap_id = ?", (gap_id,))
+        def delete() -> None:
+            conn = self._db()
+            with _translate(self.path, f"settle gap {gap_id}"), self._transaction(conn):
+                conn.execute("DELETE FROM gaps WHERE gap_id = ?", (gap_id,))
+
+        self._using_reserve(delete)
         self._after_write(PAGE_SIZE * 2)
 
     def record_gap(self, generation: str, first_seq: int, last_seq: int, priority: Priority | None,
@@ -664,10 +687,70 @@ class SqliteQueue:
         readers; cheap when nothing was written since the last one."""
         conn = self._db()
         if self._wal_bytes_since_checkpoint == 0:
+            if not self._reserve_ok:
+                self._reserve_ok = self._ensure_reserve()
             return
+
+        # Not through the ballast: appends trigger checkpoints, and appends must not eat the reserve that
+        # lets the queue drain. Once a settle released it, the checkpoints can use that room too.
         with _translate(self.path, "checkpoint"):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         self._wal_bytes_since_checkpoint = 0
+        if not self._reserve_ok:
+            self._reserve_ok = self._ensure_reserve()
+
+    # -- the full-disk ballast -------------------------------------------------------------------------
+
+    def _ensure_reserve(self) -> bool:
+        """Create the ballast file if it is missing; False (and no partial file) when there is no room."""
+        if self._reserve_bytes <= 0:
+            return True
+        try:
+            if os.path.getsize(self._reserve_path) >= self._reserve_bytes:
+                return True
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreIOError(f"{self._reserve_path}: {e} (retry; stop if it persists)") from e
+        # Keep the ballast only if the file system still has as much again free afterwards: taking
+        # the last free bytes for it would make the very next append fail.
+        if self._fs_free_bytes() < 2 * self._reserve_bytes:
+            return False
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                os.posix_fallocate(fd, 0, self._reserve_bytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(self._reserve_path)
+            log.warning("%s: cannot create the full-disk reserve: %s", self.path, e)
+            return False
+        return True
+
+    def _release_reserve(self) -> bool:
+        """Free the ballast; True if there was one to free."""
+        try:
+            os.unlink(self._reserve_path)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise StoreIOError(f"{self._reserve_path}: {e} (retry; stop if it persists)") from e
+        self._reserve_ok = False
+        log.warning("%s: disk full; released the %d-byte reserve so the queue can drain",
+                    self.path, self._reserve_bytes)
+        return True
+
+    def _using_reserve(self, op: Callable[[], _T]) -> _T:
+        """Run a draining operation; on a full disk, release the ballast and run it once more."""
+        try:
+            return op()
+        except StoreFull:
+            if not self._release_reserve():
+                raise
+        return op()
 
     def close(self) -> None:
         """Close the connection (SQLite checkpoints and removes the WAL when the last one closes)."""

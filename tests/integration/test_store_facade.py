@@ -13,6 +13,8 @@ from store_forward.facade import AsyncQueue
 from store_forward.memory import MemoryQueue
 from store_forward.model import (
     Batch,
+    Gap,
+    Lane,
     NewRecord,
     Priority,
     Queue,
@@ -21,7 +23,7 @@ from store_forward.model import (
     StoreCorrupt,
     StoreFull,
 )
-from store_forward.policy import QueueBounds
+from store_forward.policy import LanePolicy, QueueBounds
 from store_forward.sqlite import SqliteQueue
 
 
@@ -45,9 +47,10 @@ class GatedQueue:
         return self.inner.append(records)
 
     def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
-              lease_s: float = 60.0) -> Batch:
+              lease_s: float = 60.0, lane: Lane = Lane.ANY, live_window_s: float = 60.0) -> Batch:
         self.threads.add(threading.current_thread().name)
-        return self.inner.lease(max_items, now_s, max_bytes=max_bytes, lease_s=lease_s)
+        return self.inner.lease(max_items, now_s, max_bytes=max_bytes, lease_s=lease_s, lane=lane,
+                                live_window_s=live_window_s)
 
     def settle(self, batch: Batch, acked: Iterable[int], rejected: Iterable[int] = ()) -> None:
         self.inner.settle(batch, acked, rejected)
@@ -55,9 +58,15 @@ class GatedQueue:
     def stats(self) -> QueueStats:
         return self.inner.stats()
 
-    def evict(self, bounds: QueueBounds, now_s: float) -> int:
+    def evict(self, bounds: QueueBounds, now_s: float, *, free_bytes: int = 0) -> int:
         self.threads.add(threading.current_thread().name)
-        return self.inner.evict(bounds, now_s)
+        return self.inner.evict(bounds, now_s, free_bytes=free_bytes)
+
+    def pending_gaps(self, limit: int = 100) -> list[Gap]:
+        return self.inner.pending_gaps(limit)
+
+    def settle_gap(self, gap_id: int) -> None:
+        self.inner.settle_gap(gap_id)
 
     def checkpoint(self) -> None:
         self.inner.checkpoint()
@@ -196,3 +205,82 @@ async def test_an_idle_writer_checkpoints_the_store() -> None:
     async with AsyncQueue(lambda: gate, idle_checkpoint_s=0.01) as aq:
         await aq.append([rec("a")])
         assert await asyncio.to_thread(gate.checkpointed.wait, 10)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ns = 1_700_000_000 * 10**9
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+async def test_lease_next_serves_live_records_first_and_then_the_backlog_as_historical() -> None:
+    clock = Clock()
+    async with AsyncQueue(lambda: MemoryQueue(clock_ns=clock), lanes=LanePolicy(live_window_s=60.0)) as aq:
+        await aq.append([rec("old1"), rec("old2")])
+        clock.ns += 3600 * 10**9  # an hour offline
+        await aq.append([rec("live1")])
+        first = await aq.lease_next(10, now_s=0.0)
+        assert [r.payload for r in first.records] == [b"live1"] and not first.historical
+        second = await aq.lease_next(10, now_s=0.0)
+        assert [r.payload for r in second.records] == [b"old1", b"old2"] and second.historical
+        await aq.append([rec("live2")])
+        third = await aq.lease_next(10, now_s=0.0)  # new live data overtakes whatever backlog is left
+        assert [r.payload for r in third.records] == [b"live2"]
+
+
+async def test_the_backlog_drains_within_its_byte_rate_budget_while_live_records_are_not_held_back() -> None:
+    clock = Clock()
+    lanes = LanePolicy(live_window_s=10.0, backlog_bytes_per_s=100.0, backlog_burst_bytes=100)
+    async with AsyncQueue(lambda: MemoryQueue(clock_ns=clock), lanes=lanes) as aq:
+        await aq.append([NewRecord("t", bytes([i]) * 40, i) for i in range(10)])  # 400 B of backlog
+        clock.ns += 60 * 10**9
+        got = await aq.lease_next(100, now_s=0.0)
+        assert got.historical and got.payload_bytes == 80  # two 40 B records fit the 100 B burst
+        assert (await aq.lease_next(100, now_s=0.0)).records == ()  # budget spent: wait
+        assert aq.backlog_budget.wait_s(0.0) > 0
+        await aq.append([rec("live")])
+        assert [r.payload for r in (await aq.lease_next(100, now_s=0.0)).records] == [b"live"]
+        later = await aq.lease_next(100, now_s=1.0)  # one second refills 100 B
+        assert later.historical and later.payload_bytes == 80
+
+
+async def test_configured_bounds_are_applied_after_commits_and_recorded_as_gaps() -> None:
+    bounds = QueueBounds(max_records=5)
+    async with AsyncQueue(MemoryQueue, bounds=bounds, evict_interval_s=0.0) as aq:
+        for i in range(4):
+            await aq.append([rec(f"{i}.{j}", Priority.BULK) for j in range(3)])
+        stats = await aq.stats()
+        gaps = await aq.pending_gaps()
+        assert stats.depth == 5 and stats.evicted_total == 7 == aq.evicted
+        assert sum(g.count for g in gaps) == 7 and {g.detail for g in gaps} == {"max_records"}
+        batch = await aq.lease(10, now_s=0.0)
+        assert [r.payload for r in batch.records] == [b"2.1", b"2.2", b"3.0", b"3.1", b"3.2"]
+        for g in gaps:
+            await aq.settle_gap(g.gap_id)
+        assert await aq.pending_gaps() == []
+
+
+async def test_a_full_store_evicts_by_policy_and_retries_the_commit_once(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+
+    def open_capped() -> Queue:
+        q = SqliteQueue(path)
+        assert q._conn is not None
+        q.append([NewRecord("t", b"x" * 3000, 1, Priority.BULK) for _ in range(60)])
+        pages = q._conn.execute("PRAGMA page_count").fetchone()[0]
+        q._conn.execute(f"PRAGMA max_page_count = {pages + 4}")  # full: the next big append fails
+        return q
+
+    async with AsyncQueue(open_capped, bounds=QueueBounds()) as aq:
+        seqs = await aq.append([NewRecord("t", b"a" * 3000, 1, Priority.ALARM) for _ in range(20)])
+        assert len(seqs) == 20 and aq.full_recoveries == 1
+        stats = await aq.stats()
+        assert stats.depth_by_priority[Priority.ALARM] == 20 and stats.evicted_total > 0
+        assert {g.detail for g in await aq.pending_gaps()} == {"disk_full"}
+        # Only alarms left (protected): the next overflow is refused cleanly.
+        await aq.evict(QueueBounds(), now_s=0.0, free_bytes=10**9)
+        with pytest.raises(StoreFull):
+            await aq.append([NewRecord("t", b"b" * 3000, 1, Priority.ALARM) for _ in range(200)])
+        assert (await aq.stats()).depth_by_priority[Priority.ALARM] == 20
