@@ -16,11 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and benchmarks.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from hil import demo, opcua_station, tbox, wellsite
+    from hil import demo, impair, opcua_station, tbox, wellsite
 
     wellsite.add_parser(sub)
     opcua_station.add_parser(sub)
     tbox.add_parser(sub)
+    impair.add_parser(sub)
     demo.add_parser(sub)
     return parser
 
