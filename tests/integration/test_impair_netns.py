@@ -36,8 +36,9 @@ CLIENT = r"""
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(1.0)
-u.sendto(b"u", (host, port))
-try: udp = "ok" if u.recvfrom(16)[0] == b"u" else "bad"
+try:
+    u.sendto(b"u", (host, port))  # an nftables drop in OUTPUT refuses locally with EPERM
+    udp = "ok" if u.recvfrom(16)[0] == b"u" else "bad"
 except OSError: udp = "timeout"
 try:
     t = socket.create_connection((host, port), timeout=1.0); t.sendall(b"t")
