@@ -361,6 +361,7 @@ class FileUploader:
         self._active: UploadMachine | None = None
         self._changed = asyncio.Event()
         self._subscribed: bool | None = None  # None: not tried yet
+        self.segments_sent = 0
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -588,6 +589,7 @@ class FileUploader:
             data, digest = await asyncio.to_thread(_read_segment, path, action.offset, action.length)
             if len(data) != action.length:
                 raise FileChangedError(f"short read at {action.offset}")
+            self.segments_sent += 1
             code = await self.uplink.publish(segment_topic(plan.mode, plan.file_id, action.offset, digest),
                                              data, qos=1)
         elif isinstance(action, SendInit):
