@@ -58,10 +58,10 @@ def test_a_port_in_use_is_a_clear_nonzero_exit() -> None:
     assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr
 
 
-def test_quic_is_refused_as_not_available_yet() -> None:
+def test_quic_without_a_certificate_is_a_clear_config_error() -> None:
     result = cli("run", "--quic", "127.0.0.1:14567")
     assert result.returncode == EX_CONFIG
-    assert "QUIC listener is not available yet" in result.stderr
+    assert "quic" in result.stderr and "cert_file" in result.stderr
 
 
 def test_check_names_the_bad_field_of_a_config_file(tmp_path: Path) -> None:
@@ -84,3 +84,34 @@ def test_check_accepts_a_good_config_file(tmp_path: Path) -> None:
 def test_run_without_listeners_says_what_to_give() -> None:
     result = cli("run")
     assert result.returncode == EX_CONFIG and "--tcp" in result.stderr
+
+
+def test_the_example_config_is_valid_and_documents_every_key() -> None:
+    import tomllib
+
+    import msgspec
+
+    from cloud_broker.config import BrokerConfig
+
+    example = Path(__file__).resolve().parents[2] / "cloud_broker" / "broker.example.toml"
+    result = cli("check", "--config", str(example))
+    assert result.returncode == 0, result.stderr
+    text = example.read_text()
+    documented = tomllib.loads(text)
+    defaults = msgspec.to_builtins(BrokerConfig())
+    for section, fields in defaults.items():
+        if isinstance(fields, dict):
+            for key in fields:
+                assert (f"\n{key} =" in text or f"# {key} =" in text
+                        or f"[[{section}.{key}]]" in text), f"{section}.{key} is not documented"
+        else:
+            assert section in documented or f"# {section} =" in text, f"{section} is not documented"
+
+
+def test_device_add_list_remove_manage_the_credentials_file(tmp_path: Path) -> None:
+    added = cli("device", "add", "well-1", "--data", str(tmp_path))
+    assert added.returncode == 0 and "password: " in added.stdout
+    assert cli("device", "list", "--data", str(tmp_path)).stdout.split() == ["well-1", "device"]
+    assert cli("device", "remove", "well-1", "--data", str(tmp_path)).returncode == 0
+    assert cli("device", "list", "--data", str(tmp_path)).stdout == ""
+    assert cli("device", "remove", "well-1", "--data", str(tmp_path)).returncode == 1
