@@ -304,15 +304,17 @@ class AsyncQueue:
                 seqs = q.append(records)  # once: a second StoreFull goes to the callers
                 self.full_recoveries += 1
         except Exception as e:  # noqa: BLE001 -- re-raised in every caller of the failed transaction
-            for job in group:
-                self._resolve(job.future, None, e)
+            self._resolve_all([(job.future, None, e) for job in group])
             return
         self.commits += 1
         self.appends += len(group)
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         i = 0
         for job in group:
-            self._resolve(job.future, seqs[i:i + len(job.records)], None)
+            outcomes.append((job.future, seqs[i:i + len(job.records)], None))
             i += len(job.records)
+        # One wake-up of the loop per commit, not one per caller.
+        self._resolve_all(outcomes)
 
     def _make_room(self, q: Queue, payload_bytes: int) -> bool:
         """After StoreFull: evict by policy enough for the failed group; True if anything was freed."""
@@ -370,6 +372,22 @@ class AsyncQueue:
             except thread_queue.Empty:
                 return
             self._resolve(late.future, None, StoreClosed("AsyncQueue closed"))
+
+    def _resolve_all(self, outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+        assert self._loop is not None
+
+        def apply() -> None:
+            for fut, result, exc in outcomes:
+                if fut.done():  # the awaiting caller was cancelled
+                    continue
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(result)
+
+        # RuntimeError: the loop is already closed, so nobody can be awaiting these futures any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(apply)
 
     def _resolve(self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
         assert self._loop is not None

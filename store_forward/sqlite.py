@@ -470,14 +470,15 @@ class SqliteQueue:
         first = c.next_seq
         seqs = list(range(first, first + len(records)))
         depth, size = list(c.depth), list(c.bytes)
-        total_bytes = 0
-        rows = []
-        for seq, r, enqueued_ns in zip(seqs, records, enqueued_of, strict=True):
-            n = len(r.payload)
-            rows.append((seq, int(r.priority), r.kind, r.ts_ns, enqueued_ns, n, r.payload))
-            depth[r.priority] += 1
-            size[r.priority] += n
-            total_bytes += n
+        # Plain ints (not the IntEnum) for binding and indexing: this loop runs per stored record.
+        prios = [r.priority._value_ for r in records]
+        sizes = [len(r.payload) for r in records]
+        rows = [(seq, p, r.kind, r.ts_ns, enq, n, r.payload)
+                for seq, p, r, enq, n in zip(seqs, prios, records, enqueued_of, sizes, strict=True)]
+        for p, n in zip(prios, sizes, strict=True):
+            depth[p] += 1
+            size[p] += n
+        total_bytes = sum(sizes)
         new = replace(c, next_seq=first + len(records), appended_total=c.appended_total + len(records),
                       appended_bytes_total=c.appended_bytes_total + total_bytes,
                       depth=tuple(depth), bytes=tuple(size))
