@@ -10,12 +10,12 @@ GIB = 1 << 30
 
 
 class FileTransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Defaults follow EMQX (`file_transfer.*`) except `enable`, which the broker config decides.
+    """Defaults follow EMQX (`file_transfer.*`), including `enable = false`.
 
     Roots default to `<data_dir>/file_transfer/segments` and `<data_dir>/file_transfer/exports`.
     """
 
-    enable: bool = True
+    enable: bool = False  # B20: off unless enabled; `$file/` is then plain MQTT (PUBACK 0x10)
     segments_root: str | None = None
     exports_root: str | None = None
     max_file_size_bytes: int = 16 * GIB

@@ -51,8 +51,8 @@ class BrokerThread:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.wall = WallClock()
-        self.ft = FileTransferServer(FileTransferConfig(fsync=False, assemble_timeout_s=5.0), data_dir,
-                                     wall_clock=self.wall)
+        config = FileTransferConfig(enable=True, fsync=False, assemble_timeout_s=5.0)
+        self.ft = FileTransferServer(config, data_dir, wall_clock=self.wall)
         self.port = 0
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -17,7 +17,7 @@ from uplink.client import Uplink, UplinkConfig
 
 
 async def broker(data_dir: Path, port: int) -> None:
-    ft = FileTransferServer(FileTransferConfig(fsync=False), data_dir)
+    ft = FileTransferServer(FileTransferConfig(enable=True, fsync=False), data_dir)
     config = BrokerConfig(listeners=(ListenerConfig(host="127.0.0.1", port=port),), allow_anonymous=True)
     server = await serve(config, authorizer=Acl((*acl_rules(), *default_rules())), hooks=(ft,))
     try:
