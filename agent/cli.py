@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgspec
 
@@ -45,20 +46,33 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.config)
-    _setup_logging(args.log_level or cfg.agent.log_level)
+    base = _load_or_exit(args.config)
     from agent.app import Agent
+    from agent.ops import RingLog, resolve_startup_config
+    from agent.sdnotify import Notifier
+
+    # Read before anything else: children (none today) must not notify in our name (NotifyAccess=main).
+    notifier = Notifier.from_env(unset_environment=True)
+    try:
+        base_text: str | None = Path(args.config).read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        base_text = None
+    # A config pushed over MQTT and committed (under the data dir) wins over the base file.
+    cfg, text, source = resolve_startup_config(base, base_text)
+    _setup_logging(args.log_level or cfg.agent.log_level)
+    ring = RingLog()
+    logging.getLogger().addHandler(ring)
+    agent = Agent(cfg, config_text=text, config_source=source, notifier=notifier, ring_log=ring)
 
     async def main() -> None:
-        agent = Agent(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)
         await agent.run()
 
     asyncio.run(main())
-    log.info("stopped cleanly")
-    return 0
+    log.info("stopped cleanly" + (f" (exit {agent.exit_code})" if agent.exit_code else ""))
+    return agent.exit_code
 
 
 def cmd_poll(args: argparse.Namespace) -> int:

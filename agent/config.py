@@ -14,6 +14,7 @@ from typing import Literal
 import msgspec
 
 from drivers.modbus.config import ModbusDevice, a11_card_spec, a11_points
+from uplink.schema.commands import load_public_key
 from uplink.schema.topics import DEFAULT_PREFIX, validate_agent_id
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd units use it to stop restart loops
@@ -96,11 +97,62 @@ class PipelineSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             raise ValueError("flush_interval_s must be within 0.001..10 s")
 
 
+class CommandsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Remote commands (uplink.schema.commands): who may control the agent, and the config health gate."""
+
+    enabled: bool = True
+    # Control commands (config.apply, point.write, agent.restart) must carry an Ed25519 signature by one of
+    # trusted_keys (key id -> base64 of the 32-byte public key, or a PEM text); replays are refused.
+    require_signed_control: bool = False
+    trusted_keys: dict[str, str] = msgspec.field(default_factory=dict)
+    max_validity_s: float = 24 * 3600.0  # a signed command may not expire further ahead than this
+    health_gate_s: float = 20.0  # a changed device must read GOOD / a changed uplink reconnect within this
+    answers_kept: int = 256  # final answers remembered by command id (re-delivered command -> same answer)
+
+    def __post_init__(self) -> None:
+        if self.require_signed_control and not self.trusted_keys:
+            raise ValueError("require_signed_control needs at least one entry in trusted_keys")
+        if not 0.5 <= self.health_gate_s <= 600:
+            raise ValueError("health_gate_s must be within 0.5..600 s")
+        if not 60 <= self.max_validity_s <= 30 * 86400:
+            raise ValueError("max_validity_s must be within 60 s..30 days")
+        if not 1 <= self.answers_kept <= 100_000:
+            raise ValueError("answers_kept must be within 1..100000")
+        for key_id, text in self.trusted_keys.items():
+            try:
+                load_public_key(text.encode())
+            except ValueError as exc:
+                raise ValueError(f"trusted_keys.{key_id}: {exc}") from None
+
+
+class StatusSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    interval_s: float = 60.0  # the retained birth message is refreshed this often (queue depth, uptime)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.interval_s <= 86400:
+            raise ValueError("interval_s must be within 1..86400 s")
+
+
+class MetricsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Prometheus endpoint (GET /metrics). Off unless a port is given; port 0 picks a free one."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ValueError("port must be within 0..65535")
+
+
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     agent: AgentSection
     uplink: UplinkSection
+    version: str | None = None  # set by whoever pushes a config; reported in the status message
     queue: QueueSection = QueueSection()
     pipeline: PipelineSection = PipelineSection()
+    commands: CommandsSection = CommandsSection()
+    status: StatusSection = StatusSection()
+    metrics: MetricsSection = MetricsSection()
     modbus: tuple[ModbusDevice, ...] = ()
 
     def __post_init__(self) -> None:
@@ -185,6 +237,15 @@ def parse_config(data: dict[str, object]) -> AgentConfig:
         raise ConfigError(path, msg[:1].lower() + msg[1:]) from None
 
 
+def parse_toml(text: str, *, source: str = "config") -> AgentConfig:
+    """Validate a TOML document given as text (a pushed config); ConfigError naming the bad field."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{source} is not valid TOML: {exc}") from None
+    return parse_config(data)
+
+
 def load_config(path: str | Path) -> AgentConfig:
     """Read and validate a TOML config file."""
     p = Path(path)
@@ -193,7 +254,7 @@ def load_config(path: str | Path) -> AgentConfig:
     except OSError as exc:
         raise ConfigError("", f"cannot read {p}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
-    return parse_config(data)
+    return parse_toml(text, source=str(p))

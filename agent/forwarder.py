@@ -69,7 +69,9 @@ class Forwarder:
         idle_poll_s: float = 1.0,
         use_properties: bool = True,
         monotonic: Callable[[], float] = time.monotonic,
+        progress: Callable[[], None] | None = None,
     ) -> None:
+        self._progress = progress or (lambda: None)
         self._queue = queue
         self._uplink = uplink
         self._topics = topics
@@ -92,7 +94,14 @@ class Forwarder:
         async with asyncio.TaskGroup() as tg:
             n = 0
             while True:
-                await self._slots.acquire()
+                # Mark progress also while every slot waits for a link that is down: the watchdog must
+                # judge this loop alive, not the link (see agent.watchdog).
+                self._progress()
+                try:
+                    async with asyncio.timeout(self._idle_poll_s):
+                        await self._slots.acquire()
+                except TimeoutError:
+                    continue
                 try:
                     batch = await self._queue.lease(
                         self._batch_max_records,

@@ -7,6 +7,11 @@ awaits the queue's append, which returns only after the SQLite transaction commi
 accepted only then. If the queue stalls, pending readings are bounded by `max_pending`; the oldest are
 dropped and counted in `dropped_overflow` (reported, never silent). On cancellation `run` flushes what
 is pending once more, so a clean SIGTERM loses nothing.
+
+Clock integrity (agent.clock): with a `clock` (ClockState oracle), a reading stamped while the wall clock
+was never synchronized is flagged `unsynced`. When the clock steps (`clock_stepped`), readings still
+pending were stamped in the old time frame: they are re-stamped into the new one (exact, the monotonic
+clock bridged the step) and one `clock` event record tells the cloud about the step.
 """
 
 from __future__ import annotations
@@ -15,18 +20,33 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from drivers.base import CardReading, Quality, Reading
+from agent.clock import ClockStep, restamp
+from drivers.base import CardReading, ClockState, Quality, Reading
 from store_forward.model import NewRecord, Priority
-from uplink.schema.records import CardRecord, PointValue, TelemetryRecord, encode_record
+from uplink.schema.records import CardRecord, EventRecord, PointValue, TelemetryRecord, encode_record
 
 log = logging.getLogger(__name__)
 
 
 class Appender(Protocol):
     async def append(self, records: Sequence[NewRecord]) -> list[int]: ...
+
+
+class ClockOracle(Protocol):
+    """What the pipeline needs from agent.clock.ClockMonitor."""
+
+    def state(self, wall_ns: int) -> ClockState: ...
+
+
+@dataclass
+class DeviceStats:
+    good: int = 0
+    uncertain: int = 0
+    bad: int = 0
+    last_good_monotonic_s: float | None = None
 
 
 @dataclass
@@ -39,6 +59,8 @@ class PipelineStats:
     cards_committed: int = 0
     values_committed: int = 0
     append_failures: int = 0
+    restamped: int = 0
+    devices: dict[str, DeviceStats] = field(default_factory=dict)
 
 
 class ReportByException:
@@ -80,8 +102,15 @@ class Pipeline:
         max_pending: int = 100_000,
         on_commit: Callable[[], None] | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        clock: ClockOracle | None = None,
+        progress: Callable[[], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._queue = queue
+        self._clock = clock
+        self._progress = progress
+        self._monotonic = monotonic
+        self._events: list[EventRecord] = []
         self._rbe = ReportByException(deadbands or {})
         self._flush_interval_s = flush_interval_s
         self._max_pending = max_pending
@@ -91,12 +120,65 @@ class Pipeline:
         self._wake = asyncio.Event()
         self.stats = PipelineStats()
 
+    def reconfigure(
+        self, *, deadbands: Mapping[tuple[str, str], float], flush_interval_s: float, max_pending: int
+    ) -> None:
+        """A committed config changed the pipeline settings: takes effect from the next flush."""
+        self._rbe = ReportByException(deadbands)
+        self._flush_interval_s = flush_interval_s
+        self._max_pending = max_pending
+
+    def clock_stepped(self, step: ClockStep) -> None:
+        """The wall clock stepped: move pending old-frame stamps into the new frame, record the event."""
+        moved: list[Reading | CardReading] = []
+        n = 0
+        for item in self._pending:
+            # Everything pending was stamped before the step was noticed: the monotonic clock bridges it.
+            if isinstance(item, Reading) or item.ts_ns:
+                moved.append(replace(item, ts_ns=restamp(item.ts_ns, step)))
+                n += 1
+            else:
+                moved.append(item)
+        self._pending = moved
+        self.stats.restamped += n
+        self._events.append(
+            EventRecord(
+                source="agent",
+                code="clock.step",
+                severity="warning",
+                ts_ns=step.after_wall_ns,
+                message=f"wall clock stepped by {step.step_s:+.3f} s; {n} buffered reading(s) re-stamped",
+            )
+        )
+        self._wake.set()
+
+    def _count(self, r: Reading) -> None:
+        d = self.stats.devices.get(r.device)
+        if d is None:
+            d = self.stats.devices[r.device] = DeviceStats()
+        if r.quality == Quality.GOOD:
+            d.good += 1
+            d.last_good_monotonic_s = self._monotonic()
+        elif r.quality == Quality.BAD:
+            d.bad += 1
+        else:
+            d.uncertain += 1
+
     def emit(self, item: Reading | CardReading) -> None:
         """Accept one reading or card; never blocks."""
+        clock = self._clock
+        if clock is not None and item.clock == ClockState.SYNCED and item.ts_ns:
+            # Drivers stamp from the wall clock; only the clock monitor knows whether it was ever set.
+            item = (
+                item
+                if clock.state(item.ts_ns) == ClockState.SYNCED
+                else replace(item, clock=ClockState.UNSYNCED)
+            )
         if isinstance(item, CardReading):
             self.stats.cards_in += 1
         else:
             self.stats.readings_in += 1
+            self._count(item)
             if not self._rbe.should_report(item):
                 self.stats.suppressed_by_deadband += 1
                 return
@@ -110,24 +192,34 @@ class Pipeline:
     async def run(self) -> None:
         try:
             while True:
-                await asyncio.sleep(self._flush_interval_s)
+                if self._progress is not None:
+                    self._progress()  # alive: a stuck append (disk) stops these marks
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(self._flush_interval_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
                 await self.flush()
         finally:
             # Clean shutdown: commit what drivers already handed us. Shielded so cancellation
             # of the owner does not abandon the final append half-way.
-            if self._pending:
+            if self._pending or self._events:
                 await asyncio.shield(self.flush())
 
     async def flush(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._events:
             return
         items, self._pending = self._pending, []
+        events, self._events = self._events, []
         records, cards, values = self._build(items)
+        records[:0] = [NewRecord("event", encode_record(e), e.ts_ns, Priority.EVENT) for e in events]
         try:
             await self._queue.append(records)
         except BaseException:
             # Not committed: put the readings back in front so nothing is lost, then re-raise.
             self._pending[:0] = items
+            self._events[:0] = events
             self.stats.append_failures += 1
             raise
         self.stats.records_committed += len(records)

@@ -1,0 +1,234 @@
+"""Prometheus exposition for the agent: a snapshot of its counters, rendered on GET /metrics by asyncio.
+
+The adapter for prometheus_client (its exceptions and types stay here). Nothing is counted twice: the
+agent's parts keep their own stats objects; a scrape takes one `Snapshot` of them (the queue's stats are
+read through the async facade, so a scrape never blocks the loop on SQLite) and renders metric families
+from it. The HTTP side is a minimal asyncio server (HTTP/1.0-style: one request per connection), not
+prometheus_client's thread server, so there is no extra thread and the task is owned like every other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 5.0
+MAX_REQUEST_BYTES = 8192
+ACK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class DeviceCounters:
+    """Per-device reading outcomes as the pipeline saw them (a poll is one reading per point)."""
+
+    good: int = 0
+    uncertain: int = 0
+    bad: int = 0
+    last_good_monotonic_s: float | None = None
+
+
+@dataclass
+class AckHistogram:
+    """Publish -> PUBACK time as the agent saw it (includes waiting for the inflight window)."""
+
+    buckets_s: tuple[float, ...] = ACK_BUCKETS_S
+    counts: list[int] = field(default_factory=lambda: [0] * (len(ACK_BUCKETS_S) + 1))
+    total_s: float = 0.0
+    n: int = 0
+
+    def observe(self, seconds: float) -> None:
+        i = 0
+        while i < len(self.buckets_s) and seconds > self.buckets_s[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total_s += seconds
+        self.n += 1
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    agent_id: str
+    config_version: str
+    uptime_s: float
+    devices: dict[str, DeviceCounters]
+    now_monotonic_s: float
+    queue_depth: int
+    queue_bytes: int
+    queue_oldest_age_s: float | None
+    queue_appended_total: int
+    queue_evicted_total: int
+    link_up: bool
+    transport: str
+    reconnects: int
+    publish_ack: AckHistogram
+    bytes_published: int
+    batches_published: int
+    records_settled: int
+    publishes_refused: int
+    readings_in: int
+    readings_dropped: int
+    commands_by_code: dict[str, int]
+    clock_synced: bool
+    clock_steps: int
+    healthy: bool
+    file_transfers: dict[str, int] = field(default_factory=dict)
+
+
+def families(s: Snapshot) -> Iterator[Metric]:
+    """The metric families of one snapshot (names prefixed fieldgate_agent_)."""
+    p = "fieldgate_agent_"
+    info = GaugeMetricFamily(
+        p + "info", "Agent identity and running config version", labels=["agent", "config_version"]
+    )
+    info.add_metric([s.agent_id, s.config_version], 1)
+    yield info
+    yield GaugeMetricFamily(p + "uptime_seconds", "Seconds since the agent started", value=s.uptime_s)
+
+    polls = CounterMetricFamily(
+        p + "device_readings",
+        "Readings per device by quality (GOOD = poll success, BAD = poll error)",
+        labels=["device", "quality"],
+    )
+    age = GaugeMetricFamily(
+        p + "device_last_good_age_seconds",
+        "Seconds since the device last produced a GOOD reading",
+        labels=["device"],
+    )
+    for name, d in sorted(s.devices.items()):
+        polls.add_metric([name, "GOOD"], d.good)
+        polls.add_metric([name, "UNCERTAIN"], d.uncertain)
+        polls.add_metric([name, "BAD"], d.bad)
+        if d.last_good_monotonic_s is not None:
+            age.add_metric([name], max(0.0, s.now_monotonic_s - d.last_good_monotonic_s))
+    yield polls
+    yield age
+    yield CounterMetricFamily(
+        p + "readings_received", "Readings handed to the pipeline by drivers", value=s.readings_in
+    )
+    yield CounterMetricFamily(
+        p + "readings_dropped", "Readings dropped because the queue did not keep up", value=s.readings_dropped
+    )
+
+    yield GaugeMetricFamily(
+        p + "queue_depth_records", "Records waiting in the durable queue", value=s.queue_depth
+    )
+    yield GaugeMetricFamily(
+        p + "queue_bytes", "Payload bytes waiting in the durable queue", value=s.queue_bytes
+    )
+    oldest = GaugeMetricFamily(
+        p + "queue_oldest_age_seconds",
+        "Data age of the oldest queued record (0 when empty)",
+        value=s.queue_oldest_age_s or 0.0,
+    )
+    yield oldest
+    yield CounterMetricFamily(
+        p + "queue_appended_records", "Records ever appended to this store", value=s.queue_appended_total
+    )
+    yield CounterMetricFamily(
+        p + "queue_evicted_records",
+        "Records evicted by queue bounds (never delivered)",
+        value=s.queue_evicted_total,
+    )
+
+    link = GaugeMetricFamily(p + "link_up", "1 while the uplink is connected", labels=["transport"])
+    link.add_metric([s.transport], 1 if s.link_up else 0)
+    yield link
+    yield CounterMetricFamily(p + "link_reconnects", "Reconnects of the uplink", value=s.reconnects)
+    ack = HistogramMetricFamily(
+        p + "publish_ack_seconds", "QoS 1 publish to PUBACK, as the agent waited for it (an RTT upper bound)"
+    )
+    cumulative, buckets = 0, []
+    for bound, count in zip((*s.publish_ack.buckets_s, float("inf")), s.publish_ack.counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    ack.add_metric([], buckets, s.publish_ack.total_s)
+    yield ack
+    yield CounterMetricFamily(
+        p + "sent_bytes", "Batch payload bytes acknowledged by the broker", value=s.bytes_published
+    )
+    yield CounterMetricFamily(
+        p + "sent_batches", "Batches acknowledged by the broker", value=s.batches_published
+    )
+    yield CounterMetricFamily(
+        p + "settled_records", "Records delivered and removed from the queue", value=s.records_settled
+    )
+    yield CounterMetricFamily(
+        p + "refused_publishes", "Publishes the broker refused (retried later)", value=s.publishes_refused
+    )
+    files = CounterMetricFamily(p + "file_transfers", "File transfers by result", labels=["result"])
+    for result, n in sorted(s.file_transfers.items()):
+        files.add_metric([result], n)
+    yield files
+    cmds = CounterMetricFamily(p + "commands", "Commands answered, by result code", labels=["code"])
+    for code, n in sorted(s.commands_by_code.items()):
+        cmds.add_metric([code], n)
+    yield cmds
+    yield GaugeMetricFamily(
+        p + "clock_synced", "1 once the wall clock was seen synchronized", value=1 if s.clock_synced else 0
+    )
+    yield CounterMetricFamily(p + "clock_steps", "Wall-clock steps detected", value=s.clock_steps)
+    yield GaugeMetricFamily(
+        p + "healthy", "1 while the watchdog judges the agent healthy", value=1 if s.healthy else 0
+    )
+
+
+class _Families:
+    def __init__(self, s: Snapshot) -> None:
+        self._s = s
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self._s)
+
+
+def render(s: Snapshot) -> bytes:
+    """The text exposition format (version 0.0.4) of one snapshot."""
+    return generate_latest(_Families(s))  # type: ignore[arg-type,unused-ignore]
+
+
+async def serve_metrics(
+    host: str, port: int, snapshot: Callable[[], Awaitable[Snapshot]], *, on_bound: Callable[[int], None]
+) -> None:
+    """Serve GET /metrics on host:port until cancelled; `on_bound` gets the bound port (port 0 picks one)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(line) < 2 or line[0] not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"only GET /metrics\n"
+            elif line[1].split("?", 1)[0] != "/metrics":
+                status, ctype, body = "404 Not Found", "text/plain", b"see /metrics\n"
+            else:
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, render(await snapshot())
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode("latin-1")
+            )
+            if line and line[0] != "HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+            log.debug("metrics: dropped a request: %r", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_BYTES)
+    bound = server.sockets[0].getsockname()[1]
+    on_bound(int(bound))
+    log.info("metrics: serving http://%s:%d/metrics", host, bound)
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        server.close()
