@@ -365,7 +365,7 @@ class Wellsite:
         self.requests_served = 0
         self.endpoints: list[Endpoint] = []
         self._servers: list[asyncio.Server] = []
-        self._clients: set[asyncio.StreamWriter] = set()
+        self._clients: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
         self._units: dict[int, dict[int, WellSim]] = {}  # port (0 for RTU) -> unit -> well
         self._tg: asyncio.TaskGroup | None = None
         self._line: _RtuLine | None = None
@@ -430,7 +430,9 @@ class Wellsite:
             self.endpoints += [(w.name, self.host, port, unit) for unit, w in enumerate(chunk, start=1)]
 
     async def _serve_tcp(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._clients.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients[writer] = task
         try:
             while True:
                 header = await reader.readexactly(MBAP_HEADER_BYTES)
@@ -451,14 +453,16 @@ class Wellsite:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away: nothing to answer
         finally:
-            self._clients.discard(writer)
+            self._clients.pop(writer, None)
             writer.close()
 
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        handlers = list(self._clients.values())
         for writer in list(self._clients):
             writer.close()  # Python 3.11's Server.close() leaves accepted connections open
+        await asyncio.gather(*handlers, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()

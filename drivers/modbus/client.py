@@ -23,6 +23,7 @@ driver owns both policies. `requests` counts requests sent, retries included.
 from __future__ import annotations
 
 import asyncio
+import sys
 import termios
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
@@ -105,6 +106,8 @@ class ModbusClient:
             ok = await self._client.connect()
         except (OSError, termios.error, ModbusException) as exc:  # SerialException is an OSError
             raise ModbusError("connection", f"cannot open {self.label}: {exc}") from exc
+        finally:
+            _honour_cancel()
         if not ok:
             raise ModbusError("connection", f"cannot connect to {self.label}")
 
@@ -167,7 +170,10 @@ class ModbusClient:
             self._rx, self._dropped = b"", False
             try:
                 async with asyncio.timeout(timeout_s or self.timeout_s):
-                    rr = await call()
+                    try:
+                        rr = await call()
+                    finally:
+                        _honour_cancel()
             except TimeoutError:
                 raise self._no_answer(unit_id, function) from None
             except ConnectionException as exc:
@@ -197,6 +203,23 @@ class ModbusClient:
         # A serial line resynchronises by itself (pymodbus clears its buffer before each request).
         if self.framing == "mbap":
             self._client.close()
+
+
+def _honour_cancel() -> None:
+    """Re-raise a cancellation that pymodbus' asyncio.wait_for swallowed.
+
+    On Python 3.11 wait_for drops a cancel that arrives as its inner future completes (CPython
+    gh-86296); a refused connect completes at once, so a driver being stopped could keep running.
+    The task still counts the request (`cancelling()`), so it is raised again here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() and not _cancel_in_flight():
+        raise asyncio.CancelledError
+
+
+def _cancel_in_flight() -> bool:
+    # True while a CancelledError is already propagating (inside an except/finally for it)
+    return isinstance(sys.exc_info()[1], asyncio.CancelledError)
 
 
 class ModbusTcpClient(ModbusClient):

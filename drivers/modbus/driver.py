@@ -242,6 +242,10 @@ class ModbusDriver:
         """What the driver has learned about a device's addressing so far."""
         return self._session.states[device].limits
 
+    def plan(self, device: str) -> tuple[ReadBlock, ...]:
+        """The read requests one poll of every group of the device currently costs."""
+        return tuple(b for blocks in self._session.states[device].plans.values() for b in blocks)
+
     def requests_sent(self) -> int:
         return sum(c.requests for c in self._session.clients.values())
 
@@ -300,6 +304,18 @@ class ModbusDriver:
             for r in await self._session.read_points(st, st.plans.get(key, ())):
                 emit(r)
         st.status, st.reason = Quality.GOOD, None
+
+    async def acquire_once(self, device: str, *, card: bool = True) -> list[Reading | CardReading]:
+        """Poll every group of one device now (and capture its card), keeping what the driver has
+        learned about it; for commands such as "card now" and for tests. Failures give BAD readings."""
+        st = self._session.states[device]
+        out: list[Reading | CardReading] = []
+        keys = list(st.plans) + ([CARD_JOB] if card and st.device.card is not None else [])
+        for key in keys:
+            reason = await self._guarded_job(st, key, out.append)
+            if reason is not None:
+                return out + self._session.failed(st, reason)
+        return out
 
     def _resolve(self, point: str) -> tuple[_DeviceState, ModbusPoint]:
         """"device/point", or a bare point name that exactly one device has."""
