@@ -1,4 +1,4 @@
-"""Read-only views of a queue file for operators: `edge-agent buffer stats|peek|export --db F`.
+"""Read-only views of a queue file for operators: `edge-agent buffer stats|peek|export|gaps --db F`.
 
 Everything here opens the database read-only and takes no writer lock, so it is safe beside a running
 agent (WAL readers see the last committed state and never block the writer). Leases are the writer's
@@ -13,17 +13,20 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
 import sqlite_utils
 
-from store_forward.model import Priority, StoredRecord
+from store_forward.model import DEFAULT_LIVE_WINDOW_S, Gap, Priority, StoredRecord
 from store_forward.sqlite import open_readonly
 
 
-def stats(path: str | os.PathLike[str], *, audit: bool = False) -> dict[str, Any]:
-    """Queue totals from the counters row (O(1)); with audit, also recount rows and run quick_check."""
+def stats(path: str | os.PathLike[str], *, audit: bool = False,
+          live_window_s: float = DEFAULT_LIVE_WINDOW_S) -> dict[str, Any]:
+    """Queue totals from the counters row (O(1)); with audit, also recount rows and run quick_check and
+    split the records into the live lane and the backlog (O(n))."""
     with open_readonly(path) as store:
         snap = store.snapshot()
         db = sqlite_utils.Database(store.conn)
@@ -53,6 +56,7 @@ def stats(path: str | os.PathLike[str], *, audit: bool = False) -> dict[str, Any
                 "wal_size_bytes": snap.wal_size_bytes,
             },
             "tables": sorted(db.table_names()),
+            "gaps_pending": len(store.gaps(limit=1_000_000)),
         }
         if audit:
             depth, size = store.recount()
@@ -61,6 +65,8 @@ def stats(path: str | os.PathLike[str], *, audit: bool = False) -> dict[str, Any
                 "counters_match_rows": depth == snap.depth_by_priority and size == snap.bytes_by_priority,
                 "rows_by_priority": {p.name: {"depth": depth[p], "bytes": size[p]} for p in Priority},
             }
+            live, backlog = store.lanes(time.time_ns(), live_window_s)
+            out["lanes"] = {"live_window_s": live_window_s, "live": live, "backlog": backlog}
         return out
 
 
@@ -108,3 +114,23 @@ def export(path: str | os.PathLike[str], output: str | os.PathLike[str] = "-") -
             n += 1
         out.flush()
         return n
+
+
+def gap_to_json(gap: Gap) -> dict[str, Any]:
+    return {
+        "gap_id": gap.gap_id,
+        "generation": gap.generation,
+        "first_seq": gap.first_seq,
+        "last_seq": gap.last_seq,
+        "priority": None if gap.priority is None else gap.priority.name,
+        "reason": gap.reason.value,
+        "detail": gap.detail,
+        "count": gap.count,
+        "recorded_ns": gap.recorded_ns,
+    }
+
+
+def gaps(path: str | os.PathLike[str], *, limit: int = 1000) -> list[dict[str, Any]]:
+    """Gaps not yet announced upstream: what eviction dropped ("evicted") or damage lost ("lost")."""
+    with open_readonly(path) as store:
+        return [gap_to_json(g) for g in store.gaps(limit=limit)]

@@ -930,6 +930,22 @@ class ReadOnlyStore:
             for seq, kind, payload, ts_ns, prio, enq_ns in self.conn.execute(sql, args):
                 yield StoredRecord(generation, seq, kind, bytes(payload), ts_ns, Priority(prio), enq_ns, 0)
 
+    def gaps(self, limit: int = 1000) -> list[Gap]:
+        """Unsettled gaps, oldest first (none for a schema 1 store, which had no gaps table)."""
+        with _translate(self.path, "read gaps"):
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "gaps" not in tables:
+                return []
+            return [_gap_of(r) for r in self.conn.execute(_SQL_SELECT_GAPS, (limit,))]
+
+    def lanes(self, now_ns: int, live_window_s: float = DEFAULT_LIVE_WINDOW_S) -> tuple[int, int]:
+        """(live, backlog) record counts at `now_ns` (O(n): counts rows by enqueue time)."""
+        cutoff = live_cutoff_ns(now_ns, live_window_s)
+        with _translate(self.path, "count lanes"):
+            live, total = self.conn.execute(
+                "SELECT coalesce(sum(enqueued_ns >= ?), 0), count(*) FROM records", (cutoff,)).fetchone()
+        return int(live), int(total) - int(live)
+
     def recount(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(depth, bytes) per priority counted from the rows (O(n)), to audit the counters row."""
         depth, size = [0] * PRIORITY_COUNT, [0] * PRIORITY_COUNT

@@ -235,3 +235,40 @@ def test_inspecting_a_foreign_database_raises_store_corrupt(db: Path) -> None:
     conn.close()
     with pytest.raises(StoreCorrupt):
         store_inspect.stats(db)
+
+
+def test_a_schema_1_store_is_migrated_to_gaps_on_open_keeping_its_records(db: Path) -> None:
+    with SqliteQueue(db) as q:
+        generation = q.stats().generation
+        q.append([rec(b"a"), rec(b"b")])
+    conn = raw(db)
+    conn.execute("DROP TABLE gaps")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+    assert store_inspect.gaps(db) == []  # inspection copes with the old schema
+    with SqliteQueue(db) as q:
+        assert q.schema_version == 2 and q.stats().generation == generation
+        assert q.evict(QueueBounds(max_records=1), now_s=0.0) == 1
+        assert [g.count for g in q.pending_gaps()] == [1]
+
+
+def test_inspection_shows_gaps_and_the_live_backlog_split(db: Path) -> None:
+    now = [10**18]
+    with SqliteQueue(db, clock_ns=lambda: now[0]) as q:
+        q.append([rec(b"old", Priority.BULK), rec(b"old2", Priority.BULK)])
+        assert q.evict(QueueBounds(max_records=1), now_s=0.0) == 1
+    (gap,) = store_inspect.gaps(db)
+    got = (gap["priority"], gap["reason"], gap["detail"], gap["count"])
+    assert got == ("BULK", "evicted", "max_records", 1)
+    stats = store_inspect.stats(db, audit=True)
+    assert stats["gaps_pending"] == 1
+    assert stats["lanes"]["backlog"] == 1 and stats["lanes"]["live"] == 0  # enqueued "long ago"
+
+
+def test_stats_report_flash_wear_since_the_store_opened(db: Path) -> None:
+    with SqliteQueue(db) as q:
+        assert q.stats().write_amplification is None  # nothing appended yet
+        q.append([rec(os.urandom(256)) for _ in range(400)])
+        s = q.stats()
+        assert s.written_source in ("proc", "files") and s.written_bytes > 0
+        assert s.write_amplification is not None and s.write_amplification > 0.5
