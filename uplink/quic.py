@@ -697,6 +697,10 @@ async def open_quic(
     if wait_handshake:
         try:
             await link.wait_handshake(timeout_s)
+            await asyncio.sleep(0)  # a close that came with the server's flight is processed by now
+            if link.terminated is not None:
+                cls = QuicOverloaded if link.overloaded else QuicHandshakeError
+                raise cls(f"the broker closed the connection at once (code 0x{link.terminated.error_code:x})")
         except BaseException:
             await link.close(APP_ERROR_CTRL_STREAM_DOWN)
             raise

@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -344,16 +345,23 @@ class _MqttQuicProtocol(QuicConnectionProtocol):
             self._first_datagram = False
             host = f"[{addr[0]}]" if ":" in str(addr[0]) else addr[0]
             self.peer = f"quic:{host}:{addr[1]}"
+        if self._reject_overloaded:
+            if not self._closing:
+                # Refuse before the handshake (EMQX: app error 2 at accept): aioquic must parse the
+                # Initial to have keys for the close, but a pending close sends only CONNECTION_CLOSE,
+                # never our handshake flight. On the wire: transport APPLICATION_ERROR (RFC 9000 10.2.3).
+                self._closing = True
+                why = (f"{self._listener.connection_count} connections (max_connections)"
+                       if self._listener.accepting else "shutting down")
+                log.warning("quic: refusing %s: %s", self.peer, why)
+                self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+                self._quic.close(error_code=APP_ERROR_OVERLOADED, reason_phrase="overloaded")
+                self._process_events()
+                self.transmit()
+            return
         super().datagram_received(data, addr)
         if self._congested:
             self._check_congestion()
-        if self._reject_overloaded and not self._closing:
-            # Before the handshake completes: on the wire a transport APPLICATION_ERROR (RFC 9000 10.2.3).
-            self._closing = True
-            why = (f"{self._listener.connection_count} connections (max_connections)"
-                   if self._listener.accepting else "shutting down")
-            log.warning("quic: refusing %s: %s", self.peer, why)
-            self.close(error_code=APP_ERROR_OVERLOADED, reason_phrase="overloaded")
         self._maybe_finish_close()
 
     def _handle_timer(self) -> None:
@@ -960,6 +968,8 @@ class _MqttQuicProtocol(QuicConnectionProtocol):
             self.close(error_code=code, reason_phrase=why)
 
     def _on_terminated(self, event: events.ConnectionTerminated) -> None:
+        if event.frame_type is None and self._close_code is None and not self._closing:
+            self._listener.peer_close_codes[event.error_code] += 1  # the client closed, with this code
         self._handshake_timer.cancel()
         for timer in self._timers:
             timer.cancel()
@@ -1009,6 +1019,8 @@ class QuicListener:
         self.config = config
         self.accepting = True
         self.addresses: list[tuple[str, int]] = []
+        # Application error codes of CONNECTION_CLOSEs received from clients (metrics, diagnosis).
+        self.peer_close_codes: Counter[int] = Counter()
         self.tickets = _TicketStore()
         self.server: QuicServer | None = None
         self._connections: set[_MqttQuicProtocol] = set()  # with a hub connection

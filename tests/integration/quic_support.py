@@ -1,10 +1,11 @@
-"""Test support for MQTT over QUIC: a throwaway PKI and an in-process broker with TCP/TLS and QUIC listeners."""
+"""Test support for MQTT over QUIC: a throwaway PKI and an in-process broker with QUIC, TCP and TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +14,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cloud_broker.config import ListenerConfig
 from cloud_broker.core.broker import Broker
 from cloud_broker.core.settings import CoreSettings
-from cloud_broker.config import ListenerConfig
 from cloud_broker.listeners import tcp
-from cloud_broker.listeners.base import ServerListener
+from cloud_broker.listeners.base import BoundListener, ServerListener
 from cloud_broker.listeners.quic import QuicListener, listener_config, start_quic_listener
 from cloud_broker.server import BrokerHub
 
@@ -69,7 +70,8 @@ def _leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(
             [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
     )
     if server:
         builder = builder.add_extension(x509.SubjectAlternativeName([
@@ -97,7 +99,7 @@ def make_pki(directory: Path) -> Pki:
 
 
 @dataclass(eq=False)
-class TestBroker:
+class RunningBroker:
     broker: Broker
     hub: BrokerHub
     quic: QuicListener
@@ -119,7 +121,7 @@ class TestBroker:
 
     async def close(self) -> None:
         """As BrokerServer.close: stop accepting, DISCONNECT everyone, wait for the listeners."""
-        listeners = [self.quic, self.tcp, *([self.tls] if self.tls is not None else [])]
+        listeners: list[BoundListener] = [self.quic, self.tcp, *([self.tls] if self.tls is not None else [])]
         for listener in listeners:
             listener.close()
         self.hub.shutdown()
@@ -128,7 +130,7 @@ class TestBroker:
 
 
 async def start_broker(pki: Pki, *, quic_port: int = 0, settings: CoreSettings | None = None,
-                       tls: bool = True, **quic_options: object) -> TestBroker:
+                       tls: bool = True, **quic_options: object) -> RunningBroker:
     """An in-process broker: QUIC on quic_port, TCP and (optionally) TLS on free ports, all on 127.0.0.1."""
     loop = asyncio.get_running_loop()
     broker = Broker(settings or CoreSettings(allow_anonymous=True))
@@ -144,4 +146,14 @@ async def start_broker(pki: Pki, *, quic_port: int = 0, settings: CoreSettings |
     if tls:
         tls_listener = await tcp.start(hub, ListenerConfig(kind="tls", host="127.0.0.1", port=0,
                                                            cert_file=pki.cert_file, key_file=pki.key_file))
-    return TestBroker(broker, hub, quic, tcp_listener, tls_listener)
+    return RunningBroker(broker, hub, quic, tcp_listener, tls_listener)
+
+
+async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll predicate (state owned by another party: a broker core, a file) until true, bounded."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not predicate():  # noqa: ASYNC110 - not an event we own
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"{what} not reached within {timeout_s}s") from None
