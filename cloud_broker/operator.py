@@ -502,3 +502,17 @@ def _send(args: argparse.Namespace, cmd: Command, what: str) -> int:
         return _print_final(resp, args.timeout_s)
 
     return _run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cloud_broker.operator agents|config push|cmd ...`: the cloud-broker operator commands."""
+    parser = argparse.ArgumentParser(
+        prog="cloud-broker-operator", description=(__doc__ or "").splitlines()[0]
+    )
+    add_operator_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
