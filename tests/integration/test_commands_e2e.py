@@ -16,18 +16,20 @@ from hil.wellsite import Wellsite
 from tests.integration.commands_support import (
     AGENT_ID,
     ask,
-    broker_port,  # noqa: F401 - fixture
+    broker_process,
     config_doc,
     device,
     operator,
     running_agent,
-    site,  # noqa: F401 - fixture
+    wellsite,
 )
 from uplink.mqtt.packets import Properties
 from uplink.schema.commands import ResultCode, decode_response, sign_command
 from uplink.schema.topics import AgentTopics
 
 pytestmark = pytest.mark.integration
+broker_port = pytest.fixture(name="broker_port")(broker_process)
+site = pytest.fixture(name="site")(wellsite)
 TOPICS = AgentTopics(AGENT_ID)
 
 
@@ -38,7 +40,8 @@ def keypair() -> tuple[Ed25519PrivateKey, str]:
 
 
 async def test_a_setpoint_write_is_confirmed_by_read_back_and_a_redelivery_is_not_run_twice(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     doc = config_doc(tmp_path / "agent", broker_port, [device(site, 0)])
     async with running_agent(doc), operator(broker_port) as op:
         cmd = new_command("point.write", {"point": "well-001/vfd_set_frequency", "value": 42.5})
@@ -57,7 +60,8 @@ async def test_a_setpoint_write_is_confirmed_by_read_back_and_a_redelivery_is_no
 
 
 async def test_unknown_and_malformed_commands_get_one_clear_error_each(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     doc = config_doc(tmp_path / "agent", broker_port, [device(site, 0)])
     async with running_agent(doc), operator(broker_port) as op:
         resp = await ask(op, "reboot.everything")
@@ -67,8 +71,9 @@ async def test_unknown_and_malformed_commands_get_one_clear_error_each(
         # Not a command at all: answered on the MQTT 5 response topic with the correlation data echoed.
         reply = f"{TOPICS.reply}/raw"
         await op.subscribe(reply)
-        await op.publish(TOPICS.command, b"{not json", properties=Properties(response_topic=reply,
-                                                                              correlation_data=b"c-1"))
+        await op.publish(
+            TOPICS.command, b"{not json", properties=Properties(response_topic=reply, correlation_data=b"c-1")
+        )
         msg = await op.next_message()
         assert msg.topic == reply and msg.properties.correlation_data == b"c-1"
         assert decode_response(msg.payload).code == ResultCode.INVALID
@@ -80,7 +85,8 @@ async def test_unknown_and_malformed_commands_get_one_clear_error_each(
 
 
 async def test_an_mqtt_311_operator_gets_its_answer_on_the_reply_to_topic(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     doc = config_doc(tmp_path / "agent", broker_port, [device(site, 0)], protocol_level=4)
     async with running_agent(doc), operator(broker_port, protocol_level=4) as op:
         cmd = new_command("config.get", {})
@@ -89,12 +95,16 @@ async def test_an_mqtt_311_operator_gets_its_answer_on_the_reply_to_topic(
 
 
 async def test_unsigned_forged_expired_and_replayed_control_commands_are_refused(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     key, public = keypair()
     other, _ = keypair()
-    doc = config_doc(tmp_path / "agent", broker_port, [device(site, 0)],
-                     commands={"require_signed_control": True, "trusted_keys": {"ops": public},
-                               "answers_kept": 1})
+    doc = config_doc(
+        tmp_path / "agent",
+        broker_port,
+        [device(site, 0)],
+        commands={"require_signed_control": True, "trusted_keys": {"ops": public}, "answers_kept": 1},
+    )
     write = {"point": "well-001/vfd_set_frequency", "value": 30.0}
     async with running_agent(doc), operator(broker_port) as op:
         unsigned = await ask(op, "point.write", write)
@@ -108,8 +118,9 @@ async def test_unsigned_forged_expired_and_replayed_control_commands_are_refused
         assert expired.code == ResultCode.EXPIRED
         assert site.well("well-001").value("vfd_set_frequency") != pytest.approx(30.0)
 
-        signed = sign_command(key, AGENT_ID, msgspec.structs.replace(new_command("point.write", write),
-                                                                     key_id="ops"))
+        signed = sign_command(
+            key, AGENT_ID, msgspec.structs.replace(new_command("point.write", write), key_id="ops")
+        )
         ok = await ask(op, "point.write", cmd=signed)
         assert ok.code == ResultCode.OK, ok.message
         assert site.well("well-001").value("vfd_set_frequency") == pytest.approx(30.0)

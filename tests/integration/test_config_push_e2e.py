@@ -1,4 +1,4 @@
-"""Transactional config over the real broker: applied and reported, rejected by field, rolled back by the gate."""
+"""Transactional config over the real broker: applied and reported, rejected by field, rolled back."""
 
 from __future__ import annotations
 
@@ -10,22 +10,25 @@ from hil.net import free_port
 from hil.wellsite import Wellsite
 from tests.integration.commands_support import (
     ask,
-    broker_port,  # noqa: F401 - fixture
+    broker_process,
     config_doc,
     device,
     operator,
     running_agent,
-    site,  # noqa: F401 - fixture
     toml,
     wait_for,
+    wellsite,
 )
 from uplink.schema.commands import Response, ResultCode
 
 pytestmark = pytest.mark.integration
+broker_port = pytest.fixture(name="broker_port")(broker_process)
+site = pytest.fixture(name="site")(wellsite)
 
 
-async def test_a_good_config_is_applied_committed_and_reported(tmp_path: Path, broker_port: int,
-                                                                site: Wellsite) -> None:
+async def test_a_good_config_is_applied_committed_and_reported(
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     data = tmp_path / "agent"
     base = config_doc(data, broker_port, [device(site, 0)], version="1")
     async with running_agent(base) as agent, operator(broker_port) as op:
@@ -38,12 +41,20 @@ async def test_a_good_config_is_applied_committed_and_reported(tmp_path: Path, b
         assert notes and all(not n.final for n in notes)
         assert agent.cfg.version == "2"
         got = await ask(op, "config.get")
-        assert got.result is not None and got.result["version"] == "2" and 'version = "2"' in got.result["config"]
+        assert (
+            got.result is not None
+            and got.result["version"] == "2"
+            and 'version = "2"' in got.result["config"]
+        )
         # Only the new device's bus was started: well-001 and well-002 share one TCP port of the site,
         # so their bus restarted; both produce GOOD readings.
         assert agent.pipeline is not None
-        await wait_for(lambda: agent.pipeline.stats.devices.get("well-002") is not None
-                       and agent.pipeline.stats.devices["well-002"].good > 0)
+        await wait_for(
+            lambda: (
+                agent.pipeline.stats.devices.get("well-002") is not None
+                and agent.pipeline.stats.devices["well-002"].good > 0
+            )
+        )
     assert (data / "config" / "current.toml").read_text().count('version = "2"') == 1
     assert not (data / "config" / "pending.toml").exists()
     # The committed config wins over the base file at the next start.
@@ -52,7 +63,8 @@ async def test_a_good_config_is_applied_committed_and_reported(tmp_path: Path, b
 
 
 async def test_an_invalid_config_is_rejected_naming_the_field_and_the_old_one_keeps_running(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     data = tmp_path / "agent"
     base = config_doc(data, broker_port, [device(site, 0)], version="1")
     async with running_agent(base) as agent, operator(broker_port) as op:
@@ -76,7 +88,8 @@ async def test_an_invalid_config_is_rejected_naming_the_field_and_the_old_one_ke
 
 
 async def test_a_config_whose_new_device_never_reads_good_is_rolled_back(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     data = tmp_path / "agent"
     base = config_doc(data, broker_port, [device(site, 0)], version="1")
     async with running_agent(base) as agent, operator(broker_port) as op:
@@ -96,7 +109,8 @@ async def test_a_config_whose_new_device_never_reads_good_is_rolled_back(
 
 
 async def test_a_config_that_cuts_the_agent_off_from_the_broker_is_rolled_back(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     data = tmp_path / "agent"
     base = config_doc(data, broker_port, [device(site, 0)], version="1")
     async with running_agent(base) as agent, operator(broker_port) as op:
@@ -111,7 +125,8 @@ async def test_a_config_that_cuts_the_agent_off_from_the_broker_is_rolled_back(
 
 
 async def test_a_dry_run_reads_the_new_devices_and_changes_nothing(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     data = tmp_path / "agent"
     base = config_doc(data, broker_port, [device(site, 0)], version="1")
     async with running_agent(base) as agent, operator(broker_port) as op:

@@ -10,15 +10,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hil.wellsite import Wellsite
 from tests.integration.commands_support import (
-    broker_port,  # noqa: F401 - fixture
+    broker_process,
     config_doc,
     device,
     running_agent,
-    site,  # noqa: F401 - fixture
     wait_for,
+    wellsite,
 )
 
 pytestmark = pytest.mark.integration
+broker_port = pytest.fixture(name="broker_port")(broker_process)
+site = pytest.fixture(name="site")(wellsite)
 
 
 async def http_get(port: int, path: str) -> tuple[str, dict[str, str], str]:
@@ -42,7 +44,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_are_scraped_and_report_devices_queue_link_and_sent_bytes(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     dead = {**device(site, 1), "name": "ghost", "port": 1}  # port 1: refused at once
     doc = config_doc(tmp_path / "agent", broker_port, [device(site, 0), dead], metrics_port=0)
     async with running_agent(doc) as agent:

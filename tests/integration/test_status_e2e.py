@@ -1,4 +1,4 @@
-"""Retained status over the real broker: birth with versions and config version, refreshed on change, offline on stop."""
+"""Retained status over the real broker: birth with versions, refreshed on change, offline on stop."""
 
 from __future__ import annotations
 
@@ -12,18 +12,20 @@ from hil.wellsite import Wellsite
 from tests.integration.commands_support import (
     AGENT_ID,
     ask,
-    broker_port,  # noqa: F401 - fixture
+    broker_process,
     config_doc,
     device,
     operator,
     running_agent,
-    site,  # noqa: F401 - fixture
     toml,
+    wellsite,
 )
 from uplink.schema.commands import AgentStatus, ResultCode, decode_status
 from uplink.schema.topics import AgentTopics
 
 pytestmark = pytest.mark.integration
+broker_port = pytest.fixture(name="broker_port")(broker_process)
+site = pytest.fixture(name="site")(wellsite)
 STATUS = AgentTopics(AGENT_ID).status
 
 
@@ -36,7 +38,8 @@ async def next_status(op: OperatorClient, timeout_s: float = 10.0) -> AgentStatu
 
 
 async def test_a_subscriber_sees_the_retained_birth_its_refresh_and_the_offline_on_a_clean_stop(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     doc = config_doc(tmp_path / "agent", broker_port, [device(site, 0)], version="7")
     async with operator(broker_port, "watcher") as watcher:
         async with running_agent(doc), operator(broker_port) as op:

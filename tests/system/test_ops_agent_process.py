@@ -1,4 +1,4 @@
-"""System: `edge-agent run` as a process: the will on SIGKILL, agent.restart's exit status, the operator CLI."""
+"""System: `edge-agent run` as a process: the will on SIGKILL, agent.restart's exit 75, the operator CLI."""
 
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ from hil.net import free_port
 from hil.wellsite import Wellsite
 from tests.integration.commands_support import (
     AGENT_ID,
-    broker_port,  # noqa: F401 - fixture
+    broker_process,
     config_doc,
     device,
-    site,  # noqa: F401 - fixture
     toml,
+    wellsite,
 )
 from uplink.schema.commands import AgentStatus
 
 pytestmark = pytest.mark.system
+broker_port = pytest.fixture(name="broker_port")(broker_process)
+site = pytest.fixture(name="site")(wellsite)
 BIN = Path(sys.executable).parent
 
 
@@ -33,14 +35,27 @@ def start_agent(tmp_path: Path, text: str) -> subprocess.Popen[bytes]:
     cfg.write_text(text)
     log = open(tmp_path / "agent.log", "ab")  # noqa: SIM115 - owned by the child
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-    return subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        [str(BIN / "edge-agent"), "run", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
 
 
 def operator_cli(broker: int, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cloud_broker.operator", *args, "--broker",
-                           f"127.0.0.1:{broker}", "--timeout-s", "20"],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloud_broker.operator",
+            *args,
+            "--broker",
+            f"127.0.0.1:{broker}",
+            "--timeout-s",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def status_of(broker: int, want: str, timeout_s: float = 15.0) -> AgentStatus:
@@ -59,9 +74,11 @@ def tail(path: Path) -> str:
 
 @pytest.mark.timeout(90)
 async def test_a_killed_agent_leaves_its_will_and_a_restart_command_restarts_with_exit_75(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
-    text = toml(config_doc(tmp_path / "data", broker_port, [device(site, 0)], version="v1",
-                           metrics_port=free_port()))
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
+    text = toml(
+        config_doc(tmp_path / "data", broker_port, [device(site, 0)], version="v1", metrics_port=free_port())
+    )
     proc = start_agent(tmp_path, text)
     try:
         born = await status_of(broker_port, "online")
@@ -89,7 +106,8 @@ async def test_a_killed_agent_leaves_its_will_and_a_restart_command_restarts_wit
 
 @pytest.mark.timeout(90)
 async def test_config_push_from_the_operator_cli_shows_progress_and_the_verdict(
-        tmp_path: Path, broker_port: int, site: Wellsite) -> None:
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
     data = tmp_path / "data"
     proc = start_agent(tmp_path, toml(config_doc(data, broker_port, [device(site, 0)], version="v1")))
     try:
@@ -100,10 +118,17 @@ async def test_config_push_from_the_operator_cli_shows_progress_and_the_verdict(
         assert pushed.returncode == 0, pushed.stdout + pushed.stderr
         assert "  ... " in pushed.stdout and "ok: applied version v2" in pushed.stdout
         bad = tmp_path / "v3.toml"
-        bad.write_text(new.read_text().replace('version = "v2"', 'version = "v3"').replace(
-            "keep_alive_s = 5", 'keep_alive_s = "5"'))
+        bad.write_text(
+            new.read_text()
+            .replace('version = "v2"', 'version = "v3"')
+            .replace("keep_alive_s = 5", 'keep_alive_s = "5"')
+        )
         refused = await asyncio.to_thread(operator_cli, broker_port, "config", "push", AGENT_ID, str(bad))
-        assert refused.returncode == 1 and "invalid" in refused.stdout and "uplink.keep_alive_s" in refused.stdout
+        assert (
+            refused.returncode == 1
+            and "invalid" in refused.stdout
+            and "uplink.keep_alive_s" in refused.stdout
+        )
         got = await asyncio.to_thread(operator_cli, broker_port, "cmd", AGENT_ID, "config.get")
         assert '"version": "v2"' in got.stdout
     finally:
