@@ -225,6 +225,12 @@ async def connect(
                             await writer.drain()
                 t_read.cancel()
                 t_timer.cancel()
+    except BaseExceptionGroup as group:
+        # The TaskGroup wraps whatever ended it (a refusal, or the caller's own exception at the yield);
+        # our two tasks never fail on their own, so there is one error: hand it over as itself.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     finally:
         writer.close()
         with contextlib.suppress(OSError):
