@@ -103,19 +103,25 @@ class BrokerPorts:
     tcp: int
     tls: int
     quic: int
+    process: asyncio.subprocess.Process | None = None
+
+    def terminate(self) -> None:
+        """SIGTERM the broker process (it disconnects its clients and exits)."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
 
 
 @contextlib.asynccontextmanager
 async def start_broker_process(pki: BenchPki, directory: Path) -> AsyncIterator[BrokerPorts]:
     """`cloud-broker run` with TCP, TLS and QUIC listeners on free 127.0.0.1 ports, until exit."""
-    ports = BrokerPorts(free_port("tcp"), free_port("tcp"), free_port("udp"))
+    tcp, tls, quic = free_port("tcp"), free_port("tcp"), free_port("udp")
     config = directory / "broker.toml"
     config.write_text(
         "allow_anonymous = true\nlog_level = \"warning\"\n"
-        f"[[listeners]]\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nport = {ports.tcp}\n"
-        f"[[listeners]]\nkind = \"tls\"\nhost = \"127.0.0.1\"\nport = {ports.tls}\n"
+        f"[[listeners]]\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nport = {tcp}\n"
+        f"[[listeners]]\nkind = \"tls\"\nhost = \"127.0.0.1\"\nport = {tls}\n"
         f"cert_file = \"{pki.cert_file}\"\nkey_file = \"{pki.key_file}\"\n"
-        f"[[listeners]]\nkind = \"quic\"\nhost = \"127.0.0.1\"\nport = {ports.quic}\n"
+        f"[[listeners]]\nkind = \"quic\"\nhost = \"127.0.0.1\"\nport = {quic}\n"
         f"cert_file = \"{pki.cert_file}\"\nkey_file = \"{pki.key_file}\"\n")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cloud_broker.cli", "run", "--config", str(config),
@@ -127,7 +133,7 @@ async def start_broker_process(pki: BenchPki, directory: Path) -> AsyncIterator[
                 line = (await proc.stdout.readline()).decode()
                 if not line.startswith("cloud-broker: listening"):
                     raise RuntimeError(f"broker did not start: {line!r}")
-        yield ports
+        yield BrokerPorts(tcp, tls, quic, proc)
     finally:
         if proc.returncode is None:
             proc.terminate()
