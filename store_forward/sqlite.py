@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import secrets
@@ -162,10 +163,17 @@ _SQL_UPDATE_COUNTERS = (
     + ", ".join(f"{c.strip()} = ?" for c in _COUNTER_COLUMNS.split(","))
     + " WHERE id = 0"
 )
-_SQL_INSERT_RECORD = (
-    "INSERT INTO records (seq, priority, kind, ts_ns, enqueued_ns, payload_size, payload)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
+_RECORD_FIELDS = 7  # seq, priority, kind, ts_ns, enqueued_ns, payload_size, payload
+# Appends insert up to 128 rows per statement (multi-row VALUES): one sqlite3_step (and one release of
+# the GIL) per 128 rows instead of per row, which roughly halves SQLite's CPU per appended record. 128 x 7
+# parameters stays below SQLITE_MAX_VARIABLE_NUMBER on old builds (999). The sizes are fixed (a group is
+# split greedily into 128-, 16- and 1-row statements), so three prepared statements serve every append.
+_INSERT_ROWS_PER_STATEMENT = (128, 16, 1)
+_SQL_INSERT_RECORDS = {
+    n: "INSERT INTO records (seq, priority, kind, ts_ns, enqueued_ns, payload_size, payload) VALUES "
+       + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n)
+    for n in _INSERT_ROWS_PER_STATEMENT
+}
 _SQL_DELETE_RECORD = "DELETE FROM records WHERE seq = ?"
 _SQL_LANE_OLDEST_FIRST = "SELECT seq, payload_size, enqueued_ns FROM records WHERE priority = ? ORDER BY seq"
 _SQL_LANE_RANGE = ("SELECT seq, payload_size FROM records WHERE priority = ? AND seq >= ? AND seq < ?"
@@ -465,30 +473,47 @@ class SqliteQueue:
         if not records:
             return []
         c = self._counters
-        now_ns = self._clock_ns()
-        enqueued_of = enqueued if enqueued is not None else [now_ns] * len(records)
+        n_records = len(records)
         first = c.next_seq
-        seqs = list(range(first, first + len(records)))
         depth, size = list(c.depth), list(c.bytes)
-        # Plain ints (not the IntEnum) for binding and indexing: this loop runs per stored record.
-        prios = [r.priority._value_ for r in records]
-        sizes = [len(r.payload) for r in records]
-        rows = [(seq, p, r.kind, r.ts_ns, enq, n, r.payload)
-                for seq, p, r, enq, n in zip(seqs, prios, records, enqueued_of, sizes, strict=True)]
-        for p, n in zip(prios, sizes, strict=True):
+        # One flat parameter list, built in one pass: this loop runs per stored record, so it binds plain
+        # ints (not the IntEnum) and creates no per-row tuple.
+        params: list[object] = []
+        put = params.extend
+        seq = first
+        stamps = itertools.repeat(self._clock_ns(), n_records) if enqueued is None else enqueued
+        for r, enq_ns in zip(records, stamps, strict=True):
+            payload = r.payload
+            n, p = len(payload), r.priority._value_
+            put((seq, p, r.kind, r.ts_ns, enq_ns, n, payload))
             depth[p] += 1
             size[p] += n
-        total_bytes = sum(sizes)
-        new = replace(c, next_seq=first + len(records), appended_total=c.appended_total + len(records),
+            seq += 1
+        total_bytes = sum(size) - sum(c.bytes)
+        new = replace(c, next_seq=first + n_records, appended_total=c.appended_total + n_records,
                       appended_bytes_total=c.appended_bytes_total + total_bytes,
                       depth=tuple(depth), bytes=tuple(size))
-        with _translate(self.path, f"append {len(records)} record(s)"), self._transaction(conn):
-            conn.executemany(_SQL_INSERT_RECORD, rows)
+        with _translate(self.path, f"append {n_records} record(s)"), self._transaction(conn):
+            self._insert_rows(conn, params)
             conn.execute(_SQL_UPDATE_COUNTERS, new.as_row())
         # Adopt the new counters only after COMMIT: a failed transaction leaves memory and disk agreeing.
         self._counters = new
-        self._after_write(total_bytes + PAGE_SIZE * (2 + len(records) // 64))
-        return seqs
+        self._after_write(total_bytes + PAGE_SIZE * (2 + n_records // 64))
+        return list(range(first, first + n_records))
+
+    @staticmethod
+    def _insert_rows(conn: sqlite3.Connection, params: list[object]) -> None:
+        """Insert the rows of `params` (flat, `_RECORD_FIELDS` values per row) with the fewest
+        statements of the fixed sizes in `_INSERT_ROWS_PER_STATEMENT`."""
+        start, end = 0, len(params)
+        for rows in _INSERT_ROWS_PER_STATEMENT:
+            width = rows * _RECORD_FIELDS
+            stop = start + (end - start) // width * width
+            if stop > start:
+                conn.executemany(_SQL_INSERT_RECORDS[rows],
+                                 [params[i:i + width] for i in range(start, stop, width)])
+            start = stop
+        assert start == end, "the last statement size must be 1 row"
 
     def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
               lease_s: float = 60.0, lane: Lane = Lane.ANY,
