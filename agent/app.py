@@ -30,11 +30,11 @@ from agent.clock import ClockMonitor, ClockStep
 from agent.commands import CommandProcessor
 from agent.config import AgentConfig
 from agent.forwarder import Forwarder
-from agent.metrics import Snapshot, serve_metrics
+from agent.metrics import AckHistogram, DeviceCounters, Snapshot, serve_metrics
 from agent.ops import Operations, RingLog
 from agent.pipeline import Pipeline
 from agent.sdnotify import Notifier
-from agent.status import STATUS_PROPERTIES, death, will_for
+from agent.status import STATUS_PROPERTIES, death, versions, will_for
 from agent.watchdog import LoopWatchdog, Progress
 from drivers.base import CardReading, Driver, Reading
 from drivers.modbus.config import ModbusDevice
@@ -93,8 +93,6 @@ class LinkHolder:
     """
 
     def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
-        from agent.metrics import AckHistogram
-
         self.current: Uplink | None = None
         self.ack = AckHistogram()
         self._monotonic = monotonic
@@ -480,8 +478,6 @@ class Agent:
         return encode_json(await self.status())
 
     async def status(self) -> AgentStatus:
-        from agent.status import versions
-
         qs = await self.queue.stats() if self.queue is not None else None
         healthy = self.watchdog.policy.failed is None if self.watchdog is not None else True
         return AgentStatus(
@@ -550,8 +546,6 @@ class Agent:
             await asyncio.wait([task])
 
     async def snapshot(self) -> Snapshot:
-        from agent.metrics import DeviceCounters
-
         assert self.queue is not None and self.pipeline is not None and self.forwarder is not None
         qs = await self.queue.stats()
         p, f = self.pipeline.stats, self.forwarder.stats

@@ -5,6 +5,7 @@ agent's parts keep their own stats objects; a scrape takes one `Snapshot` of the
 read through the async facade, so a scrape never blocks the loop on SQLite) and renders metric families
 from it. The HTTP side is a minimal asyncio server (HTTP/1.0-style: one request per connection), not
 prometheus_client's thread server, so there is no extra thread and the task is owned like every other.
+prometheus_client is imported only when a scrape renders: an agent with the endpoint off runs without it.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 8192
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text exposition format
 ACK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -84,6 +87,8 @@ class Snapshot:
 
 def families(s: Snapshot) -> Iterator[Metric]:
     """The metric families of one snapshot (names prefixed fieldgate_agent_)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
     p = "fieldgate_agent_"
     info = GaugeMetricFamily(
         p + "info", "Agent identity and running config version", labels=["agent", "config_version"]
@@ -190,7 +195,10 @@ class _Families:
 
 def render(s: Snapshot) -> bytes:
     """The text exposition format (version 0.0.4) of one snapshot."""
-    return generate_latest(_Families(s))  # type: ignore[arg-type,unused-ignore]
+    from prometheus_client.exposition import generate_latest
+
+    registry: Any = _Families(s)  # generate_latest only calls collect()
+    return bytes(generate_latest(registry))
 
 
 async def serve_metrics(
@@ -208,7 +216,7 @@ async def serve_metrics(
             elif line[1].split("?", 1)[0] != "/metrics":
                 status, ctype, body = "404 Not Found", "text/plain", b"see /metrics\n"
             else:
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, render(await snapshot())
+                status, ctype, body = "200 OK", CONTENT_TYPE, render(await snapshot())
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n".encode("latin-1")
