@@ -334,14 +334,21 @@ class Wellsite:
                  clock: Callable[[], float] = time.time, conditions: dict[int, int] | None = None,
                  transport: Literal["tcp", "rtu"] = "tcp", serial_port: str = "", agent_serial_port: str = "",
                  baudrate: int = 19200, pace: bool = True, strict: bool = False, amap: A11Map | None = None,
-                 artefacts: Artefacts | None = None, max_registers: int = 125) -> None:
+                 artefacts: Artefacts | None = None, max_registers: int = 125,
+                 units_per_port: int = MAX_UNITS_PER_PORT) -> None:
         """port 0 picks free ports; otherwise ports port, port+1, ... Conditions map unit -> code.
+
+        TCP: `units_per_port` wells share one port as unit ids 1..n (a gateway); 1 gives every well its
+        own port, like a fleet of RTUs with their own addresses.
 
         RTU: the simulator opens `serial_port`; `agent_serial_port` (the other end of the pty pair) is
         only what `endpoints` and `agent_devices_for` tell the agent to open.
         """
         if wells < 1:
             raise ValueError("wells must be >= 1")
+        if not 1 <= units_per_port <= MAX_UNITS_PER_PORT:
+            raise ValueError(f"units_per_port must be in 1..{MAX_UNITS_PER_PORT}")
+        self.units_per_port = units_per_port
         if transport == "rtu":
             if wells > MAX_UNITS_PER_PORT:
                 raise ValueError(f"one RTU line carries at most {MAX_UNITS_PER_PORT} units")
@@ -419,9 +426,9 @@ class Wellsite:
             self._tg.create_task(self._line.serve(), name=name)
             self.endpoints = [(w.name, self.agent_serial_port, 0, u) for u, w in enumerate(self.wells, 1)]
             return
-        for chunk_index in range(0, len(self.wells), MAX_UNITS_PER_PORT):
-            chunk = self.wells[chunk_index:chunk_index + MAX_UNITS_PER_PORT]
-            offset = chunk_index // MAX_UNITS_PER_PORT
+        for chunk_index in range(0, len(self.wells), self.units_per_port):
+            chunk = self.wells[chunk_index:chunk_index + self.units_per_port]
+            offset = chunk_index // self.units_per_port
             # port 0: free_port() is only free "right now"; the server binds it immediately below
             port = free_port() if self._base_port == 0 else self._base_port + offset
             self._units[port] = {unit: w for unit, w in enumerate(chunk, start=1)}
@@ -563,9 +570,10 @@ class _RtuLine:
                 self._port.write(piece)
 
 
-def endpoints_for(wells: int, host: str, port: int) -> list[Endpoint]:
+def endpoints_for(wells: int, host: str, port: int,
+                  units_per_port: int = MAX_UNITS_PER_PORT) -> list[Endpoint]:
     """The endpoints a `Wellsite(wells, host=host, port=port)` with a fixed base port will serve."""
-    return [(f"well-{i + 1:03d}", host, port + i // MAX_UNITS_PER_PORT, i % MAX_UNITS_PER_PORT + 1)
+    return [(f"well-{i + 1:03d}", host, port + i // units_per_port, i % units_per_port + 1)
             for i in range(wells)]
 
 
@@ -600,6 +608,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--wells", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5020, help="first port (0: free ports)")
+    p.add_argument("--units-per-port", type=int, default=MAX_UNITS_PER_PORT,
+                   help="TCP: wells per port as unit ids 1..n (1: a port per well)")
     p.add_argument("--rtu", metavar="SERIAL_PORT", default="", help="serve RTU on this serial port instead")
     p.add_argument("--baudrate", type=int, default=19200)
     p.add_argument("--no-pace", action="store_true", help="RTU: answer at once instead of at wire speed")
@@ -616,7 +626,7 @@ async def main(args: argparse.Namespace) -> int:
     site = Wellsite(args.wells, host=args.host, port=args.port, seed=args.seed,
                     card_interval_s=args.card_interval_s, n_points=args.n_points,
                     transport="rtu" if args.rtu else "tcp", serial_port=args.rtu, baudrate=args.baudrate,
-                    pace=not args.no_pace, strict=args.strict)
+                    pace=not args.no_pace, strict=args.strict, units_per_port=args.units_per_port)
     await site.start()
     for name, host, port, unit in site.endpoints:
         print(f"{name} {host}:{port} unit {unit}", flush=True)

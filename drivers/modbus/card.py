@@ -23,6 +23,8 @@ attempt to the words it returned, so the card can be re-decoded or audited later
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 
 from drivers.base import CardReading, Quality, Value
@@ -76,6 +78,17 @@ def curve_value(word: int, scale: float) -> float:
     return signed * scale
 
 
+def curve_values(words: Sequence[int], scale: float) -> tuple[float, ...]:
+    """`curve_value` of many words at once (the hot path of every card)."""
+    n = len(words)
+    signed = struct.unpack(f">{n}h", struct.pack(f">{n}H", *words))
+    inverse = 1.0 / scale
+    if abs(inverse - round(inverse)) < 1e-9:
+        divisor = round(inverse)
+        return tuple([v / divisor for v in signed])
+    return tuple([v * scale for v in signed])
+
+
 def _pdu(address: int) -> int:
     return modicon_to_pdu(address)[1]
 
@@ -99,11 +112,26 @@ class _Image:
         return [self.words[a] for a in range(start, start + count)]
 
 
-async def _read_spans(image: _Image, reader: Reader, spans: Sequence[tuple[int, int]], device: ModbusDevice,
+@functools.lru_cache(maxsize=512)
+def _planned(spans: tuple[tuple[int, int], ...], max_count: int, max_gap: int,
+             forbidden: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    # Card layouts repeat on every capture (same n, same limits): plan each one once. Planning 800
+    # single-register curve spans costs milliseconds; a capture of a known layout should cost none.
+    return tuple((start, count) for start, count, _ in
+                 plan_spans(spans, max_count=max_count, max_gap=max_gap, forbidden=forbidden))
+
+
+@functools.lru_cache(maxsize=512)
+def _curve_spans(starts: tuple[int, ...], n: int) -> tuple[tuple[int, int], ...]:
+    # one span per register: curves may be split anywhere, unlike points
+    return tuple((start + k, 1) for start in starts for k in range(n))
+
+
+async def _read_spans(image: _Image, reader: Reader, spans: tuple[tuple[int, int], ...], device: ModbusDevice,
                       limits: DeviceLimits) -> None:
-    for start, count, _ in plan_spans(spans, max_count=limits.cap("holding", device.max_registers_per_read),
-                                      max_gap=device.max_gap,
-                                      forbidden=limits.forbidden.get("holding", ())):
+    plan = _planned(spans, limits.cap("holding", device.max_registers_per_read), device.max_gap,
+                    limits.forbidden.get("holding", ()))
+    for start, count in plan:
         await image.read(reader, start, count)
 
 
@@ -130,8 +158,9 @@ async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callab
         if p.location()[0] != "holding":
             raise ValueError(f"card scalar {p.name} is not a holding register")
     time_pdu, n_pdu = _pdu(spec.acquisition_time_register), _pdu(spec.n_points_register)
-    header = [(time_pdu, TIME_WORDS), (n_pdu, 1)]
-    header += [(p.location()[1], p.register_count()) for p in scalar_points]
+    header = ((time_pdu, TIME_WORDS), (n_pdu, 1),
+              *((p.location()[1], p.register_count()) for p in scalar_points))
+    curves = {name: (_pdu(start), scale) for name, (start, scale) in spec.curves().items()}
     image = _Image()
     for attempt in range(1, spec.consistency_attempts + 1):
         image = _Image()
@@ -150,14 +179,12 @@ async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callab
                                                     utc_offset_h=spec.utc_offset_h)
         except ValueError as exc:
             return _bad(device, scalars, image, clock_ns(), f"bad acquisition time: {exc}")
-        curves = spec.curves()
-        curve_spans = [(_pdu(start) + k, 1) for start, _ in curves.values() for k in range(n)]
+        curve_spans = _curve_spans(tuple(start for start, _ in curves.values()), n)
         await _read_spans(image, reader, curve_spans, device, limits)
         again = await image.read(reader, time_pdu, TIME_WORDS)
         if list(again) != time_words:
             continue  # the RTU published a new card mid-capture: start over
-        arrays = {name: tuple(curve_value(w, scale) for w in image.get(_pdu(start), n))
-                  for name, (start, scale) in curves.items()}
+        arrays = {name: curve_values(image.get(start, n), scale) for name, (start, scale) in curves.items()}
         return CardReading(
             device=device.name,
             acquired_at_ns=acquired_at_ns,

@@ -1,0 +1,226 @@
+"""`edge-hil bench fleet`: agent CPU, memory and latency acquiring a wellsite fleet into the durable queue.
+
+Two cases, each with the simulator and the agent in separate child processes so the agent's own CPU
+time and peak RSS are measured (getrusage of the agent process, its SQLite writer thread included):
+  * fleet:  `--wells` (833) A11 wells over Modbus TCP, a port per well; scalars every
+            `--scalar-interval-s` (10 s); cards every 10 minutes compressed `--speedup` times
+            (default 30: a card per well every 20 s) for `--duration-s`;
+  * stress: `--stress-wells` (100) wells whose RTUs publish a new card every second, polled for all
+            829 values (28 scalars + acquisition time + 4 x 200 points) every second.
+The agent side is the real pipeline: ModbusDriver -> agent.pipeline.Pipeline ->
+store_forward AsyncQueue(SqliteQueue). Reported per case: values acquired and committed, agent CPU ms
+per 1,000 committed values (target <= 2), CPU share of one core, peak RSS (target <= 80 MB),
+poll-to-commit latency p50/p99 per record (from the reading's timestamp to the commit returning;
+target p50 <= 100 ms), values lost (acquired but not committed; target 0), and for the stress case the
+share of the scheduled values actually acquired (a bus that cannot keep up skips polls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.pipeline import Pipeline
+from drivers.base import CardReading, Quality, Reading
+from drivers.modbus.driver import ModbusDriver
+from hil.bench import result_line
+from hil.wellsite import Endpoint, Wellsite, agent_devices_for
+from store_forward.facade import AsyncQueue
+from store_forward.model import NewRecord
+from store_forward.sqlite import SqliteQueue
+
+# 829 values per card: 28 scalar points + the acquisition time (carried as the card's time, not a
+# value) + 4 curves x 200 points; counted as values: 828.
+CARD_VALUES = 828
+CHILD_TIMEOUT_S = 600.0
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wells", type=int, default=833)
+    p.add_argument("--duration-s", type=float, default=60.0)
+    p.add_argument("--scalar-interval-s", type=float, default=10.0)
+    p.add_argument("--speedup", type=float, default=30.0, help="compress the 10-minute card interval")
+    p.add_argument("--stress-wells", type=int, default=100)
+    p.add_argument("--stress-duration-s", type=float, default=30.0)
+    p.add_argument("--skip-fleet", action="store_true")
+    p.add_argument("--skip-stress", action="store_true")
+    p.add_argument("--profile", metavar="FILE", default="", help="cProfile the agent of the stress case")
+
+
+# -- agent child -------------------------------------------------------------------------------------
+class _TimedQueue:
+    """The pipeline's appender: times each commit against the records' data timestamps."""
+
+    def __init__(self, inner: AsyncQueue) -> None:
+        self.inner = inner
+        self.latencies_ms: list[float] = []
+
+    async def append(self, records: Sequence[NewRecord]) -> list[int]:
+        seqs = await self.inner.append(records)
+        now_ns = time.time_ns()
+        self.latencies_ms += [(now_ns - r.ts_ns) / 1e6 for r in records]
+        return seqs
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_agent(endpoints: list[Endpoint], *, duration_s: float, scalar_interval_s: float,
+                    card_interval_s: float, db_path: Path, label: str) -> dict[str, float]:
+    devices = agent_devices_for(endpoints, poll_interval_s=scalar_interval_s, card_interval_s=card_interval_s,
+                                timeout_s=5.0)
+    queue = AsyncQueue(lambda: SqliteQueue(db_path))
+    await queue.start()
+    timed = _TimedQueue(queue)
+    pipeline = Pipeline(timed, flush_interval_s=0.05)
+    driver = ModbusDriver(devices)
+    acquired = bad = 0
+
+    def emit(item: Reading | CardReading) -> None:
+        nonlocal acquired, bad
+        if isinstance(item, CardReading):
+            if item.quality == Quality.GOOD:
+                # counted like the committed record (uplink.schema CardRecord.value_count)
+                acquired += len(item.scalars) + item.n_points * (
+                    2 + (item.current_a is not None) + (item.power_kw is not None))
+            else:
+                bad += 1
+        elif item.quality == Quality.GOOD:
+            acquired += 1
+        else:
+            bad += 1
+        pipeline.emit(item)
+
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+    async with asyncio.TaskGroup() as tg:
+        driver_task = tg.create_task(driver.run(emit), name="bench-modbus-driver")
+        pipeline_task = tg.create_task(pipeline.run(), name="bench-pipeline")
+        while (elapsed := time.monotonic() - t0) < duration_s:
+            await asyncio.sleep(min(5.0, duration_s - elapsed))
+            print(f"  {label}: {time.monotonic() - t0:5.1f} s, {acquired} values acquired, "
+                  f"{pipeline.stats.values_committed} committed, {bad} bad", file=sys.stderr, flush=True)
+        driver_task.cancel()
+        await asyncio.sleep(0)
+        pipeline_task.cancel()  # its final flush commits what is pending
+    wall_s = time.monotonic() - t0
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    await queue.close()
+    cpu_s = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    committed = pipeline.stats.values_committed
+    return {
+        "acquired": acquired, "committed": committed, "bad": bad, "lost": acquired + bad - committed,
+        "cpu_ms_per_1k": 1000.0 * cpu_s / max(1, committed) * 1000.0, "cpu_share": cpu_s / wall_s,
+        "rss_mb": usage1.ru_maxrss / 1024.0, "p50_ms": _percentile(timed.latencies_ms, 0.5),
+        "p99_ms": _percentile(timed.latencies_ms, 0.99), "wall_s": wall_s,
+        "values_per_s": committed / wall_s, "overflow": pipeline.stats.dropped_overflow,
+    }
+
+
+# -- orchestration -----------------------------------------------------------------------------------
+def _child(*argv: str) -> subprocess.Popen[str]:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-m", "hil.bench.fleet", *argv], cwd=root, env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+async def _case(label: str, *, wells: int, duration_s: float, scalar_interval_s: float,
+                card_interval_s: float, sim_card_interval_s: float | None = None,
+                profile: str = "") -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        sim = _child("sim", str(wells), str(sim_card_interval_s or card_interval_s))
+        try:
+            assert sim.stdout is not None
+            line = await asyncio.to_thread(sim.stdout.readline)
+            if not line:
+                raise RuntimeError("the simulator exited before serving")
+            await asyncio.to_thread(Path(tmp, "endpoints.json").write_text, line)
+            print(f"{label}: {wells} wells served, agent running {duration_s:.0f} s", flush=True)
+            agent = _child("agent", label, str(Path(tmp, "endpoints.json")), str(duration_s),
+                           str(scalar_interval_s), str(card_interval_s), str(Path(tmp, "queue.db")), profile)
+            out, _ = await asyncio.to_thread(agent.communicate, timeout=CHILD_TIMEOUT_S)
+            if agent.returncode != 0:
+                raise RuntimeError(f"the agent child failed with {agent.returncode}")
+            return dict(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            sim.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(sim.wait, 30)
+
+
+async def main(args: argparse.Namespace) -> int:
+    """833-well fleet and 100-well stress: agent CPU per 1,000 values, RSS, latency, losses."""
+    out: dict[str, object] = {}
+    if not args.skip_fleet:
+        r = await _case("fleet", wells=args.wells, duration_s=args.duration_s,
+                        scalar_interval_s=args.scalar_interval_s, card_interval_s=600.0 / args.speedup)
+        print(f"fleet: {r}", flush=True)
+        out.update(wells=args.wells, values=int(r["committed"]), cpu_ms_per_1k=r["cpu_ms_per_1k"],
+                   rss_mb=r["rss_mb"], p50_ms=r["p50_ms"], p99_ms=r["p99_ms"], lost=int(r["lost"]))
+    if not args.skip_stress:
+        # the RTUs publish twice a second so that every one-second capture finds a new card
+        s = await _case("stress", wells=args.stress_wells, duration_s=args.stress_duration_s,
+                        scalar_interval_s=3600.0, card_interval_s=1.0, sim_card_interval_s=0.5,
+                        profile=args.profile)
+        print(f"stress: {s}", flush=True)
+        scheduled = args.stress_wells * CARD_VALUES * s["wall_s"]
+        out.update(stress_wells=args.stress_wells, stress_values_per_s=s["values_per_s"],
+                   stress_acquired_share=s["acquired"] / scheduled, stress_cpu_ms_per_1k=s["cpu_ms_per_1k"],
+                   stress_cpu_share=s["cpu_share"], stress_rss_mb=s["rss_mb"], stress_p50_ms=s["p50_ms"],
+                   stress_p99_ms=s["p99_ms"], stress_lost=int(s["lost"]))
+    print(result_line("fleet", **out), flush=True)
+    return 0
+
+
+async def _serve(wells: int, card_interval_s: float) -> None:
+    site = Wellsite(wells, port=0, units_per_port=1, card_interval_s=card_interval_s)
+    await site.start()
+    print(json.dumps(site.endpoints), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await site.stop()
+
+
+def _child_main(argv: list[str]) -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket per well
+    if argv[0] == "sim":
+        asyncio.run(_serve(int(argv[1]), float(argv[2])))
+        return 0
+    label, endpoints_file, duration, scalar_s, card_s, db, profile = argv[1:8]
+    endpoints = [tuple(e) for e in json.loads(Path(endpoints_file).read_text())]
+    run = run_agent(endpoints, duration_s=float(duration), scalar_interval_s=float(scalar_s),
+                    card_interval_s=float(card_s), db_path=Path(db), label=label)
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        result = prof.runcall(asyncio.run, run)
+        prof.dump_stats(profile)
+    else:
+        result = asyncio.run(run)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main(sys.argv[1:]))
