@@ -43,19 +43,28 @@ class SharedGroup:
 Target = SubscriptionEntry | SharedGroup
 
 
+_MATCH_CACHE_TOPICS = 16384
+
+
 class Router:
-    """Adds, removes and matches subscriptions. Filters are validated by the caller."""
+    """Adds, removes and matches subscriptions. Filters are validated by the caller.
+
+    Matches are cached per topic name until the next subscription change: devices publish to the
+    same few topics over and over, so the trie walk is paid once per topic, not once per message.
+    """
 
     def __init__(self) -> None:
         self._tree: TopicTree[Target] = TopicTree()
         self._groups: dict[tuple[str, str], SharedGroup] = {}
         self._count = 0
+        self._cache: dict[str, list[Target]] = {}
 
     def __len__(self) -> int:
         return self._count
 
     def add(self, entry: SubscriptionEntry) -> None:
         """Index a subscription. The caller removes the session's previous entry for the same filter."""
+        self._cache.clear()
         group_name, flt = parse_shared(entry.topic_filter)
         if group_name is None:
             self._tree.add(flt, entry)
@@ -69,6 +78,7 @@ class Router:
 
     def remove(self, entry: SubscriptionEntry) -> bool:
         """Forget a subscription; False if it was not indexed."""
+        self._cache.clear()
         group_name, flt = parse_shared(entry.topic_filter)
         if group_name is None:
             removed = self._tree.remove(flt, entry)
@@ -89,5 +99,15 @@ class Router:
         return removed
 
     def match(self, topic: str) -> list[Target]:
-        """Every subscription entry and shared group whose filter matches topic (a valid topic name)."""
-        return self._tree.match(topic)
+        """Every subscription entry and shared group whose filter matches topic (a valid topic name).
+
+        The list is shared with the cache: callers must not mutate it.
+        """
+        found = self._cache.get(topic)
+        if found is None:
+            found = self._tree.match(topic)
+            cache = self._cache
+            if len(cache) >= _MATCH_CACHE_TOPICS:
+                cache.clear()
+            cache[topic] = found
+        return found
