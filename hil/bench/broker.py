@@ -133,10 +133,14 @@ def run_ours(profile: str | None) -> Iterator[tuple[int, subprocess.Popen[bytes]
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "broker.toml"
-        # Same limits as the Mosquitto side: deep queues, a 1000-message in-flight window, no disk.
+        # Same limits as the Mosquitto side: deep queues, a 1000-message in-flight window, no disk, and
+        # (like Mosquitto, which buffers QoS 0 for a connected reader without limit) a write-buffer
+        # high-water mark high enough that a reader briefly starved of CPU by the generators on a small
+        # host is not treated as a slow consumer: the case measures routing, not the drop policy.
         cfg.write_text(f'allow_anonymous = true\nlog_level = "warning"\n[[listeners]]\nhost = "127.0.0.1"\n'
                        f"port = {port}\n[limits]\nmax_queued_messages = 1000000\n"
-                       "max_inflight_messages = 1000\n[persistence]\nbackend = \"memory\"\n")
+                       "max_inflight_messages = 1000\n[persistence]\nbackend = \"memory\"\n"
+                       "[backpressure]\nhigh_water_bytes = 268435456\nlow_water_bytes = 67108864\n")
         cmd = [sys.executable]
         if profile:
             cmd += ["-m", "cProfile", "-o", profile]
