@@ -9,6 +9,12 @@ SQLite itself can do with one fsync per batch and no queue logic. Then the backl
 (/proc/self/io write_bytes) during the ingest, including the final checkpoint at close, divided by
 payload bytes; where /proc does not count (tmpfs), the file growth is used instead (a lower bound).
 
+Both sides commit `--batch` records per transaction, so they make the same number of commits (WAL
+fsyncs); the bench prints both counts. Rounds run side by side in ABBA order on fresh files; the
+reported ratio is the median of the per-round ratios, ingest and raw rates are medians, and the spread
+(min/max and every round's ratio) is printed before the result line, as is raw SQLite's own write
+amplification for comparison (a plain table has no index, counters or wider rows to write).
+
 Ends with one line:
 `bench store: ingest_per_s=X raw_sqlite_per_s=Y ratio=Z drain_per_s=W write_amplification=A`.
 Targets: ratio >= 0.5, write_amplification <= 3.
@@ -25,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 from store_forward.facade import AsyncQueue
 from store_forward.model import NewRecord, Priority
@@ -36,8 +43,9 @@ RECORD_BYTES = 256
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", type=int, default=100_000,
                         help="records per side per round (default 100000)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="alternating raw/ours rounds; medians are reported (fsync times are noisy)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="side-by-side rounds in ABBA order; medians and spread are reported "
+                             "(fsync times are noisy)")
     parser.add_argument("--appenders", type=int, default=128, help="concurrent appenders (default 128)")
     parser.add_argument("--per-append", type=int, default=8,
                         help="records per append call, like one pipeline flush of a device (default 8)")
@@ -65,8 +73,23 @@ def _files_bytes(path: str) -> int:
     return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
 
 
-async def _ours(path: str, n: int, appenders: int, per_append: int, batch: int) -> tuple[float, float]:
-    """(records/s, write amplification) through the facade."""
+@dataclass(frozen=True, slots=True)
+class _Side:
+    """One side of one round: records/s, commits (= WAL fsyncs with synchronous=FULL), write amplification."""
+
+    per_s: float
+    commits: int
+    write_amplification: float
+
+
+def _amplification(path: str, w0: int | None, n: int) -> float:
+    w1 = _proc_write_bytes()
+    written = (w1 - w0) if w0 is not None and w1 is not None and w1 > w0 else _files_bytes(path)
+    return written / (n * RECORD_BYTES)
+
+
+async def _ours(path: str, n: int, appenders: int, per_append: int, batch: int) -> _Side:
+    """Ingest through the facade: `appenders` coroutines each appending `per_append` records at a time."""
     payloads = [os.urandom(RECORD_BYTES) for _ in range(64)]
     w0 = _proc_write_bytes()
     aq = AsyncQueue(lambda: SqliteQueue(path), max_batch_records=batch)
@@ -99,18 +122,21 @@ async def _ours(path: str, n: int, appenders: int, per_append: int, batch: int) 
         elapsed = time.perf_counter() - t0
         stats = await aq.stats()
     finally:
-        await aq.close()  # the final checkpoint is part of what this ingest writes
-    w1 = _proc_write_bytes()
-    written = (w1 - w0) if w0 is not None and w1 is not None and w1 > w0 else _files_bytes(path)
+        await aq.close()  # the final checkpoint is part of what this ingest writes (not of its time)
+    if stats.depth != n:
+        raise RuntimeError(f"ours: {stats.depth} records stored, expected {n}")
     _progress(f"ours: {n} records in {elapsed:.2f} s, {aq.commits} commits "
-              f"({aq.appends / max(aq.commits, 1):.1f} appends per commit), depth {stats.depth}")
-    return n / elapsed, written / (n * RECORD_BYTES)
+              f"({aq.appends / max(aq.commits, 1):.1f} appends per commit)")
+    return _Side(n / elapsed, aq.commits, _amplification(path, w0, n))
 
 
-def _raw(path: str, n: int, batch: int) -> float:
-    """Raw executemany, same durability: WAL, synchronous=FULL, 4 KiB pages, `batch` rows per commit."""
+def _raw(path: str, n: int, batch: int) -> _Side:
+    """Raw executemany, same durability: WAL, synchronous=FULL, 4 KiB pages, `batch` rows per commit
+    (SQLite's automatic checkpoint left at its default, so checkpoints are in its time as in ours)."""
     payloads = [os.urandom(RECORD_BYTES) for _ in range(64)]
+    w0 = _proc_write_bytes()
     conn = sqlite3.connect(path, isolation_level=None)
+    commits = 0
     try:
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode = WAL")
@@ -124,11 +150,12 @@ def _raw(path: str, n: int, batch: int) -> float:
             conn.execute("BEGIN")
             conn.executemany("INSERT INTO records (seq, ts_ns, payload) VALUES (?, ?, ?)", rows)
             conn.execute("COMMIT")
+            commits += 1
         elapsed = time.perf_counter() - t0
     finally:
         conn.close()
-    _progress(f"raw sqlite: {n} records in {elapsed:.2f} s")
-    return n / elapsed
+    _progress(f"raw sqlite: {n} records in {elapsed:.2f} s, {commits} commits")
+    return _Side(n / elapsed, commits, _amplification(path, w0, n))
 
 
 async def _drain(path: str, n: int) -> float:
@@ -146,39 +173,58 @@ async def _drain(path: str, n: int) -> float:
     return drained / elapsed
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    return f"median {statistics.median(values):{fmt}} (min {min(values):{fmt}}, max {max(values):{fmt}})"
+
+
 async def main(args: argparse.Namespace) -> int:
     work = tempfile.mkdtemp(prefix="bench-store-", dir=args.dir)
-    raws: list[float] = []
-    ours: list[float] = []
+    raws: list[_Side] = []
+    ours: list[_Side] = []
     ratios: list[float] = []
-    amplifications: list[float] = []
     drain_per_s = 0.0
     try:
         _progress(f"{args.rounds} round(s) of {args.records} x {RECORD_BYTES} B records per side in {work}; "
                   f"{args.appenders} appenders x {args.per_append} records, batch {args.batch}, "
                   "synchronous=FULL")
         for r in range(args.rounds):
-            # Side by side, alternating, on fresh files in the same directory: the disk's fsync time
-            # drifts during a run, and a ratio of neighbours cancels most of that drift.
+            # Side by side on fresh files in the same directory, in ABBA order (raw first in even rounds,
+            # ours first in odd ones): the disk's fsync time drifts during a run and the second side of a
+            # round may inherit the first one's writeback; a ratio of neighbours in alternating order
+            # cancels most of both. Medians over rounds, with the spread printed next to them.
             _progress(f"round {r + 1}/{args.rounds}")
-            raw_per_s = await asyncio.to_thread(_raw, os.path.join(work, f"raw{r}.db"), args.records,
-                                                args.batch)
-            ours_path = os.path.join(work, f"queue{r}.db")
-            ingest_per_s, amplification = await _ours(ours_path, args.records, args.appenders,
-                                                      args.per_append, args.batch)
-            raws.append(raw_per_s)
-            ours.append(ingest_per_s)
-            ratios.append(ingest_per_s / raw_per_s)
-            amplifications.append(amplification)
+            raw_path, ours_path = os.path.join(work, f"raw{r}.db"), os.path.join(work, f"queue{r}.db")
+            if r % 2 == 0:
+                raw = await asyncio.to_thread(_raw, raw_path, args.records, args.batch)
+                side = await _ours(ours_path, args.records, args.appenders, args.per_append, args.batch)
+            else:
+                side = await _ours(ours_path, args.records, args.appenders, args.per_append, args.batch)
+                raw = await asyncio.to_thread(_raw, raw_path, args.records, args.batch)
+            raws.append(raw)
+            ours.append(side)
+            ratios.append(side.per_s / raw.per_s)
+            _progress(f"round {r + 1}: ours {side.per_s:.0f}/s raw {raw.per_s:.0f}/s ratio {ratios[-1]:.2f}; "
+                      f"write amplification ours {side.write_amplification:.2f} "
+                      f"raw {raw.write_amplification:.2f}")
             if r == args.rounds - 1:
                 drain_per_s = await _drain(ours_path, args.records)
             for name in os.listdir(work):
-                if name.startswith((f"raw{r}.db", f"queue{r}.db")) and r != args.rounds - 1:
+                if name.startswith((f"raw{r}.db", f"queue{r}.db")):
                     os.unlink(os.path.join(work, name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ingest_per_s, raw_per_s = statistics.median(ours), statistics.median(raws)
-    ratio, amplification = statistics.median(ratios), statistics.median(amplifications)
+    ingest_per_s = statistics.median(s.per_s for s in ours)
+    raw_per_s = statistics.median(s.per_s for s in raws)
+    ratio = statistics.median(ratios)
+    amplification = statistics.median(s.write_amplification for s in ours)
+    _progress(f"ratio {_spread(ratios, '.2f')} over {len(ratios)} rounds: "
+              + " ".join(f"{x:.2f}" for x in ratios))
+    _progress(f"ingest_per_s {_spread([s.per_s for s in ours], '.0f')}; "
+              f"raw_sqlite_per_s {_spread([s.per_s for s in raws], '.0f')}")
+    _progress(f"commits per round ours {statistics.median(s.commits for s in ours):.0f} "
+              f"raw {statistics.median(s.commits for s in raws):.0f}; write_amplification ours "
+              f"{_spread([s.write_amplification for s in ours], '.2f')}, raw "
+              f"{_spread([s.write_amplification for s in raws], '.2f')}")
     print(f"bench store: ingest_per_s={ingest_per_s:.0f} raw_sqlite_per_s={raw_per_s:.0f} ratio={ratio:.2f} "
           f"drain_per_s={drain_per_s:.0f} write_amplification={amplification:.2f}", flush=True)
     return 0
