@@ -9,12 +9,15 @@ import stat
 from pathlib import Path
 
 import pytest
-from aioquic.tls import CipherSuite, SessionTicket
+from aioquic.quic.packet import QuicPacketType
+from aioquic.quic.packet_builder import QuicSentPacket
+from aioquic.tls import CipherSuite, Epoch, SessionTicket
 
 from uplink.failover import FailoverConfig, FailoverTransportFactory
 from uplink.mqtt.codec import encode
 from uplink.mqtt.packets import MQTT_5, Disconnect, PingReq, Publish
 from uplink.quic import (
+    LossTolerantCongestionControl,
     QuicSettings,
     _last_packet_type,
     read_ticket_file,
@@ -100,3 +103,26 @@ def test_a_factory_starts_with_quic_allowed_and_no_transport_active() -> None:
     assert factory.active is None and factory.quic_link is None
     assert factory.quic_allowed_now
     assert not FailoverTransportFactory(FailoverConfig(quic_enabled=False)).quic_allowed_now
+
+
+def _sent(sent_time: float, size: int = 1200) -> QuicSentPacket:
+    packet = QuicSentPacket(epoch=Epoch.ONE_RTT, in_flight=True, is_ack_eliciting=True,
+                            is_crypto_packet=False, packet_number=0, packet_type=QuicPacketType.ONE_RTT)
+    packet.sent_time = sent_time
+    packet.sent_bytes = size
+    return packet
+
+
+def test_a_loss_without_queueing_delay_leaves_the_window_alone_and_one_with_a_queue_halves_it() -> None:
+    cc = LossTolerantCongestionControl(max_datagram_size=1200)
+    for i in range(20):
+        cc.on_rtt_measurement(now=1.0 + i * 0.01, rtt=0.100)
+    window = cc.congestion_window
+    cc.on_packet_sent(packet=(lost := _sent(2.0)))
+    cc.on_packets_lost(now=2.2, packets=[lost])
+    assert cc.congestion_window == window and cc.random_losses == 1  # radio loss: keep going
+    for i in range(40):
+        cc.on_rtt_measurement(now=3.0 + i * 0.01, rtt=0.300)  # a queue builds up
+    cc.on_packet_sent(packet=(lost := _sent(4.0)))
+    cc.on_packets_lost(now=4.4, packets=[lost])
+    assert cc.congestion_window == window // 2 and cc.congestion_losses == 1
