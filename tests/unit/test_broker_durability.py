@@ -245,3 +245,31 @@ def test_sys_topics_are_never_journaled() -> None:
     rig.broker.publish(Message("$SYS/broker/uptime", b"1 seconds", 0, True), rig.now)
     assert not rig.broker.has_journal()
     assert rig.broker.stats()["retained"] == 1 and MQTT_5 == 5
+
+
+def test_request_response_properties_pass_through_and_expiry_counts_down() -> None:
+    rig = Rig()
+    responder, requester = rig.connect("agent"), rig.connect("operator")
+    sub(rig, responder, "fg/v1/agent/cmd", qos=1)
+    props = Properties(response_topic="fg/v1/agent/reply/7", correlation_data=b"\x01\x02",
+                       content_type="application/json", user_properties=(("trace", "t1"),),
+                       message_expiry_interval=60, payload_format_indicator=1)
+    rig.send(requester, Publish("fg/v1/agent/cmd", b"{}", qos=1, packet_id=1, properties=props))
+    [got] = publishes(rig.take(responder))
+    assert got.properties.response_topic == "fg/v1/agent/reply/7"
+    assert got.properties.correlation_data == b"\x01\x02"
+    assert got.properties.user_properties == (("trace", "t1"),)
+    assert got.properties.content_type == "application/json" and got.properties.payload_format_indicator == 1
+    assert got.properties.message_expiry_interval == 60
+    rig.lose(responder)
+    late = rig.open()
+    rig.send(late, Connect("agent2"))
+    rig.take(late)
+    sub(rig, late, "fg/v1/agent/cmd", qos=1)
+    rig.send(requester, Publish("fg/v1/agent/cmd", b"{}", qos=1, packet_id=2, retain=True, properties=props))
+    rig.take(late)
+    rig.advance(45)
+    fresh = rig.connect("agent3")
+    sub(rig, fresh, "fg/v1/agent/cmd", qos=1)
+    [retained] = publishes(fresh.inbox)
+    assert retained.properties.message_expiry_interval == 15  # 60 s minus the 45 s it waited (MQTT 3.3.2.3.3)
