@@ -13,7 +13,10 @@ from typing import Literal
 
 import msgspec
 
+from agent.files.config import FilesSection
 from drivers.modbus.config import ModbusDevice, a11_card_spec, a11_points
+from drivers.opcua.config import OpcUaServer
+from drivers.serial.config import SerialPortConfig
 from uplink.schema.commands import load_public_key
 from uplink.schema.topics import DEFAULT_PREFIX, validate_agent_id
 
@@ -41,16 +44,57 @@ class AgentSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError("drain_on_stop_s must be within 0..3600")
 
 
+RecordClass = Literal["alarm", "event", "card", "telemetry", "bulk"]  # store_forward.model.Priority names
+MIB = 1024 * 1024
+
+
 class QueueSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The durable queue (store_forward/CONTRACT.md): durability, bounds, eviction and the backlog lane.
+
+    Bounds are off by default except the free-disk floor: a box that is offline for weeks evicts the
+    least important records (bulk, then telemetry, cards, events) rather than filling its flash, and
+    every eviction reaches the cloud as an explicit gap. Alarms are never evicted unless `evict_alarms`.
+    """
+
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     group_commit_max_records: int = 512
     group_commit_max_delay_s: float = 0.005
+    integrity: Literal["off", "quick", "full"] = "quick"  # check run when the store opens
+    max_bytes: int | None = None  # payload bytes kept at most
+    max_records: int | None = None
+    max_age_s: float | None = None  # records older than this (since enqueued) are evicted
+    min_free_disk_bytes: int | None = 64 * MIB  # free-disk floor (file system + the store's free pages)
+    thin: tuple[RecordClass, ...] = ()  # classes evicted by thinning (every other record) not oldest-first
+    evict_alarms: bool = False
+    evict_interval_s: float = 1.0  # bounds are enforced at most this often (and whenever the store idles)
+    live_window_s: float = 60.0  # a record younger than this is live and goes before the backlog
+    backlog_bytes_per_s: float | None = None  # average drain rate of the backlog (None: unlimited)
+    backlog_burst_bytes: int = 256 * 1024
+    reserve_bytes: int = 256 * 1024  # ballast file released on a full disk so delivery can still delete
 
     def __post_init__(self) -> None:
         if not 1 <= self.group_commit_max_records <= 100_000:
             raise ValueError("group_commit_max_records must be within 1..100000")
         if not 0 <= self.group_commit_max_delay_s <= 1:
             raise ValueError("group_commit_max_delay_s must be within 0..1 s")
+        for name in ("max_bytes", "max_records", "min_free_disk_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.max_age_s is not None and not self.max_age_s > 0:
+            raise ValueError("max_age_s must be > 0")
+        if len(set(self.thin)) != len(self.thin):
+            raise ValueError("thin lists a class twice")
+        if not 0 <= self.evict_interval_s <= 3600:
+            raise ValueError("evict_interval_s must be within 0..3600 s")
+        if not 0 <= self.live_window_s <= 30 * 86400:
+            raise ValueError("live_window_s must be within 0 s..30 days")
+        if self.backlog_bytes_per_s is not None and not self.backlog_bytes_per_s > 0:
+            raise ValueError("backlog_bytes_per_s must be > 0 (omit it for no limit)")
+        if self.backlog_burst_bytes < 1:
+            raise ValueError("backlog_burst_bytes must be >= 1")
+        if self.reserve_bytes < 0:
+            raise ValueError("reserve_bytes must be >= 0")
 
 
 class UplinkSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -153,14 +197,32 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     commands: CommandsSection = CommandsSection()
     status: StatusSection = StatusSection()
     metrics: MetricsSection = MetricsSection()
+    files: FilesSection = FilesSection()
     modbus: tuple[ModbusDevice, ...] = ()
+    opcua: tuple[OpcUaServer, ...] = ()
+    serial: tuple[SerialPortConfig, ...] = ()
 
     def __post_init__(self) -> None:
+        # Device names are the `device` of every reading and the first half of "device/point" in
+        # point.write: unique across all buses, or a reading could not say where it came from.
         seen: set[str] = set()
-        for i, dev in enumerate(self.modbus):
-            if dev.name in seen:
-                raise ValueError(f"modbus[{i}].name {dev.name!r} is used by another device")
-            seen.add(dev.name)
+        for section, names in (
+            ("modbus", [d.name for d in self.modbus]),
+            ("opcua", [s.name for s in self.opcua]),
+            ("serial", [p.name for p in self.serial]),
+        ):
+            for i, name in enumerate(names):
+                if name in seen:
+                    raise ValueError(f"{section}[{i}].name {name!r} is used by another device")
+                seen.add(name)
+
+    @property
+    def device_names(self) -> tuple[str, ...]:
+        return (
+            tuple(d.name for d in self.modbus)
+            + tuple(s.name for s in self.opcua)
+            + tuple(p.name for p in self.serial)
+        )
 
     @property
     def client_id(self) -> str:
