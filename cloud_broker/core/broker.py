@@ -797,13 +797,19 @@ class Broker:
             if len(session.inbound_qos2) >= settings.receive_maximum:
                 raise RemoteProtocolError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
                                           ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+        held = conn.held
+        if qos and held and len(held) >= settings.receive_maximum:
+            # Acks held behind the journal or a hook count as unacknowledged (MQTT-3.3.4-9).
+            raise RemoteProtocolError("more unacknowledged QoS 1/2 PUBLISHes than Receive Maximum",
+                                      ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
 
         self.counters.messages_received += 1
         journal_before = len(self._journal)
         ticket = 0
-        if self._authorizer is not None and not self._authorizer.can_publish(client, topic):
-            # MQTT 5: PUBACK/PUBREC 0x87. MQTT 3.1.1 cannot say no: the message is acked and dropped
-            # (for QoS 0 it is dropped silently at both levels).
+        if ((topic[0] == "$" and topic.startswith(SYS_PREFIX))
+                or (self._authorizer is not None and not self._authorizer.can_publish(client, topic))):
+            # $SYS/ is the broker's own. MQTT 5: PUBACK/PUBREC 0x87. MQTT 3.1.1 cannot say no: the
+            # message is acked and dropped (for QoS 0 it is dropped silently at both levels).
             self.counters.publish_refused += 1
             reason: int = ReasonCode.NOT_AUTHORIZED
         else:

@@ -18,6 +18,7 @@ from uplink.mqtt.packets import (
     MQTT_311,
     ConnAck,
     Connect,
+    Disconnect,
     Properties,
     PubAck,
     PubComp,
@@ -273,3 +274,23 @@ def test_request_response_properties_pass_through_and_expiry_counts_down() -> No
     sub(rig, fresh, "fg/v1/agent/cmd", qos=1)
     [retained] = publishes(fresh.inbox)
     assert retained.properties.message_expiry_interval == 15  # 60 s minus the 45 s it waited (MQTT 3.3.2.3.3)
+
+
+def test_clients_cannot_publish_into_the_brokers_sys_tree() -> None:
+    rig = Rig()
+    spy, c = rig.connect("spy"), rig.connect("c")
+    sub(rig, spy, "$SYS/#")
+    rig.send(c, Publish("$SYS/broker/clients/connected", b"9999", qos=1, packet_id=1))
+    assert rig.take(c) == [PubAck(1, ReasonCode.NOT_AUTHORIZED)]
+    assert rig.take(spy) == []
+
+
+def test_acks_held_beyond_the_receive_maximum_end_the_connection_with_0x93() -> None:
+    rig = durable_rig(receive_maximum=2)
+    s = rig.connect("s", properties=EXPIRY)
+    sub(rig, s, "t", qos=1)
+    rig.lose(s)
+    p = rig.connect("p")
+    rig.auto_commit = False
+    rig.send(p, *[Publish("t", b"m", qos=1, packet_id=i) for i in (1, 2, 3)])
+    assert rig.take(p) == [Disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)] and p.closed
