@@ -96,16 +96,33 @@ def cmd_run(args: argparse.Namespace) -> int:
             host = f"[{addr.host}]" if ":" in addr.host else addr.host
             print(f"cloud-broker: listening {addr.kind} {host}:{addr.port}", flush=True)
         failed = server.hub.failed
+        metrics_unavailable: OSError | None = None
         try:
             async with asyncio.TaskGroup() as tg:
-                waits = [tg.create_task(stop.wait(), name="broker-stop-signal"),
-                         tg.create_task(failed.wait(), name="broker-store-failure")]
-                _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for task in pending:
+                tasks: list[asyncio.Task[object]] = [
+                    tg.create_task(stop.wait(), name="broker-stop-signal"),
+                    tg.create_task(failed.wait(), name="broker-store-failure")]
+                if cfg.metrics.enabled:
+                    from cloud_broker.metrics import serve_metrics
+
+                    def bound(port: int) -> None:
+                        print(f"cloud-broker: metrics http://{cfg.metrics.host}:{port}/metrics", flush=True)
+
+                    metrics = serve_metrics(cfg.metrics.host, cfg.metrics.port, server.broker.stats,
+                                            on_bound=bound)
+                    tasks.append(tg.create_task(metrics, name="broker-metrics"))
+                await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_COMPLETED)
+                for task in tasks:
                     task.cancel()
+        except* OSError as group:
+            metrics_unavailable = group.exceptions[0]  # type: ignore[assignment]
         finally:
             log.info("stopping: disconnecting %d connection(s)", server.hub.connection_count)
             await server.close()
+        if metrics_unavailable is not None:
+            print(f"cloud-broker: cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: "
+                  f"{metrics_unavailable.strerror or metrics_unavailable}", file=sys.stderr)
+            return EX_UNAVAILABLE
         if failed.is_set():
             print(f"cloud-broker: stopped: broker state could not be written ({server.hub.failure}); "
                   "check the data directory's disk and permissions, then restart", file=sys.stderr)

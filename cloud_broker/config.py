@@ -179,6 +179,17 @@ class BackpressureSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
             raise ValueError("slow_consumer_timeout_s must be > 0")
 
 
+class MetricsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Prometheus exposition of the broker's statistics on http://host:port/metrics.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9883  # 0 picks a free port (printed when listening)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be within 0..65535 (0 picks a free port)")
+
+
 class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     # Where durable state lives (broker.sqlite3, devices.json); created at start when missing.
@@ -192,6 +203,7 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     acl: AclSection = AclSection()
     sys: SysSection = SysSection()
     backpressure: BackpressureSection = BackpressureSection()
+    metrics: MetricsSection = MetricsSection()
 
     def __post_init__(self) -> None:
         if not self.listeners:

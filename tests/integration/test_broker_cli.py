@@ -115,3 +115,30 @@ def test_device_add_list_remove_manage_the_credentials_file(tmp_path: Path) -> N
     assert cli("device", "remove", "well-1", "--data", str(tmp_path)).returncode == 0
     assert cli("device", "list", "--data", str(tmp_path)).stdout == ""
     assert cli("device", "remove", "well-1", "--data", str(tmp_path)).returncode == 1
+
+
+def test_metrics_are_served_for_prometheus_when_enabled(tmp_path: Path) -> None:
+    import urllib.request
+
+    port, metrics_port = free_port(), free_port()
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text(f'allow_anonymous = true\n[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n'
+                   f'[metrics]\nenabled = true\nport = {metrics_port}\n')
+    proc = subprocess.Popen([CLI, "run", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("cloud-broker: listening tcp")
+        assert proc.stdout.readline().strip() == f"cloud-broker: metrics http://127.0.0.1:{metrics_port}/metrics"
+        wait_tcp_listening(port, pid=proc.pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(encode(Connect("m", keep_alive_s=0), MQTT_5))
+            sock.recv(64)
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+        assert "fieldgate_broker_clients_connected 1.0" in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
