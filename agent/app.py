@@ -8,9 +8,19 @@ everything committed but unacknowledged is sent again after restart.
 
 Live reconfiguration (config.apply, agent.ops): the parts that a config can change run as separately
 owned tasks in the agent's TaskGroup and are replaced one by one - one Modbus driver per bus (devices on
-one TCP gateway or serial line share a connection), the uplink with its status and command tasks (behind
-`LinkHolder`, so the forwarder and repliers keep one stable publisher across swaps), the metrics server.
+one TCP gateway or serial line share a connection), one OPC UA driver per server, one serial driver per
+port, the uplink with its status task and its one inbound reader (behind `LinkHolder`, so the forwarder,
+repliers and file uploader keep one stable view across swaps), the file service, the metrics server.
 The pipeline is reconfigured in place.
+
+The store (store_forward/CONTRACT.md): opened through `StoreOpener`, which quarantines and salvages a
+damaged file; a salvage is logged as an error and forwarded as a "store_salvaged" event record. A file
+that is not ours (`StoreForeign`) stops the agent with EX_CONFIG (no restart loop: fix the path); any
+other store error at start, and any `StoreError` escaping a part at runtime (`StoreCorrupt`: damage
+found while running), stops it with EX_IOERR, and the service manager's restart salvages at start.
+
+Inbound: one reader of `uplink.inbound()` per link hands command-topic messages to the command
+processor and `$file-response/...` messages to the file uploader; nothing else reads the link.
 
 systemd: READY=1 once the parts run, STOPPING=1 (with EXTEND_TIMEOUT_USEC= for the drain) on stop, and
 WATCHDOG=1 from `LoopWatchdog` while the loop is responsive and the pipeline and forwarder mark progress.
@@ -28,7 +38,8 @@ from typing import Any
 
 from agent.clock import ClockMonitor, ClockStep
 from agent.commands import CommandProcessor
-from agent.config import AgentConfig
+from agent.config import EX_CONFIG, AgentConfig, QueueSection
+from agent.files.service import FileService
 from agent.forwarder import Forwarder
 from agent.metrics import AckHistogram, DeviceCounters, Snapshot, serve_metrics
 from agent.ops import Operations, RingLog
@@ -36,20 +47,27 @@ from agent.pipeline import Pipeline
 from agent.sdnotify import Notifier
 from agent.status import STATUS_PROPERTIES, death, versions, will_for
 from agent.watchdog import LoopWatchdog, Progress
-from drivers.base import CardReading, Driver, Reading
+from drivers.base import CardReading, Driver, Quality, Reading
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.driver import ModbusDriver
+from drivers.opcua.driver import OpcUaDriver
+from drivers.serial.dbc import DbcError
+from drivers.serial.driver import SerialDriver
 from store_forward.facade import AsyncQueue
-from store_forward.sqlite import SqliteQueue
+from store_forward.model import NewRecord, Priority, StoreError, StoreForeign
+from store_forward.policy import LanePolicy, QueueBounds
+from store_forward.salvage import SalvageReport, StoreOpener
 from uplink.client import Uplink, UplinkClosed, UplinkConfig
-from uplink.mqtt.packets import NO_PROPERTIES, Properties, Will
+from uplink.mqtt.packets import NO_PROPERTIES, Properties, Publish, Will
 from uplink.schema.commands import AgentStatus, encode_json
+from uplink.schema.records import EventRecord, encode_record
 from uplink.schema.topics import AgentTopics
 
 log = logging.getLogger(__name__)
 STATS_INTERVAL_S = 10.0
 CLOCK_CHECK_S = 1.0
 EX_RESTART = 75  # EX_TEMPFAIL: agent.restart asked for it; the unit's Restart=on-failure starts us again
+EX_IOERR = 74  # the store failed (damage found at runtime, busy, I/O): restart; start-up salvages
 BusKey = tuple[str, str, int]
 
 
@@ -62,9 +80,65 @@ def bus_groups(devices: tuple[ModbusDevice, ...]) -> dict[BusKey, tuple[ModbusDe
 
 
 def deadbands_of(cfg: AgentConfig) -> dict[tuple[str, str], float]:
+    """The pipeline's report-by-exception deadbands: Modbus points only. OPC UA deadbands are applied by
+    the server (or its driver) and serial points are decimated by their driver: not twice."""
     return {
         (dev.name, p.name): p.deadband for dev in cfg.modbus for p in dev.points if p.deadband is not None
     }
+
+
+def queue_bounds(q: QueueSection) -> QueueBounds:
+    return QueueBounds(
+        max_records=q.max_records,
+        max_bytes=q.max_bytes,
+        max_age_s=q.max_age_s,
+        min_free_disk_bytes=q.min_free_disk_bytes,
+        protected=frozenset() if q.evict_alarms else frozenset({Priority.ALARM}),
+        thin=frozenset(Priority[c.upper()] for c in q.thin),
+    )
+
+
+def lane_policy(q: QueueSection) -> LanePolicy:
+    return LanePolicy(
+        live_window_s=q.live_window_s,
+        backlog_bytes_per_s=q.backlog_bytes_per_s,
+        backlog_burst_bytes=q.backlog_burst_bytes,
+    )
+
+
+def open_queue(cfg: AgentConfig) -> tuple[AsyncQueue, StoreOpener]:
+    """The durable queue as the config describes it (not started): salvaging opener, bounds, lanes."""
+    q = cfg.queue
+    opener = StoreOpener(
+        cfg.queue_path, synchronous=q.synchronous, integrity=q.integrity, reserve_bytes=q.reserve_bytes
+    )
+    queue = AsyncQueue(
+        opener,
+        max_batch_records=q.group_commit_max_records,
+        max_batch_delay_s=q.group_commit_max_delay_s,
+        bounds=queue_bounds(q),
+        evict_interval_s=q.evict_interval_s,
+        lanes=lane_policy(q),
+    )
+    return queue, opener
+
+
+def salvage_event(report: SalvageReport) -> NewRecord:
+    """The event record that tells the cloud a damaged store was quarantined and salvaged."""
+    lost = "an unknown number of" if report.rows_lost is None else str(report.rows_lost)
+    event = EventRecord(
+        source="store",
+        code="store_salvaged",
+        severity="error",
+        ts_ns=report.detected_ns,
+        message=(
+            f"queue store damaged ({report.problem}); moved to {report.quarantined_path}; "
+            f"{report.rows_salvaged} record(s) salvaged into generation {report.new_generation}, "
+            f"{lost} lost"
+        ),
+        data=report.as_event(),
+    )
+    return NewRecord("event", encode_record(event), report.detected_ns, Priority.EVENT)
 
 
 def uplink_config(cfg: AgentConfig, will: Will | None = None) -> UplinkConfig:
@@ -119,6 +193,10 @@ class LinkHolder:
             if self._closing:
                 raise UplinkClosed("agent stopping")
             await self._changed.wait()
+
+    async def wait_swap(self, seen: Uplink | None) -> None:
+        """Return once the current link is no longer `seen`; UplinkClosed when the agent stops."""
+        await self._next(seen)
 
     async def wait_connected(self) -> None:
         while True:
@@ -193,6 +271,10 @@ class Agent:
         self.started_ns = time.time_ns()
         self.topics = AgentTopics(cfg.agent.id, cfg.uplink.topic_prefix)
         self.bus_drivers: dict[BusKey, tuple[ModbusDriver, asyncio.Task[None]]] = {}
+        self.opcua_drivers: dict[str, tuple[OpcUaDriver, asyncio.Task[None]]] = {}
+        self.serial_drivers: dict[str, tuple[SerialDriver, asyncio.Task[None]]] = {}
+        self.file_service: FileService | None = None
+        self._files_task: asyncio.Task[None] | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -213,21 +295,54 @@ class Agent:
         return self._stop.is_set()
 
     async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
+        """Run until `stop`; sets `exit_code` (EX_CONFIG / EX_IOERR) when the store cannot be used."""
         cfg = self.cfg
         await asyncio.to_thread(Path(cfg.agent.data_dir).mkdir, parents=True, exist_ok=True)
-        queue_path = cfg.queue_path
-        queue = AsyncQueue(
-            lambda: SqliteQueue(queue_path, synchronous=cfg.queue.synchronous),
-            max_batch_records=cfg.queue.group_commit_max_records,
-            max_batch_delay_s=cfg.queue.group_commit_max_delay_s,
-        )
-        await queue.start()
-        self.queue = queue
+        queue, opener = open_queue(cfg)
         try:
-            await self._run_with(queue, on_ready)
+            try:
+                await queue.start()
+            except StoreForeign as exc:
+                log.error("queue %s is not a fieldgate queue or is newer than this agent: %s; "
+                          "fix agent.data_dir or upgrade (the file is left untouched)", cfg.queue_path, exc)
+                self.exit_code = EX_CONFIG
+                return
+            except StoreError as exc:
+                log.error("cannot open the queue %s: %s", cfg.queue_path, exc)
+                self.exit_code = EX_IOERR
+                return
+            self.queue = queue
+            try:
+                if opener.salvage is not None:
+                    await self._report_salvage(queue, opener.salvage)
+                await self._run_with(queue, on_ready)
+            except* StoreError as group:
+                # Damage found while running (or a store that keeps failing): stop; the restart salvages.
+                log.critical("store failure, stopping: %s", "; ".join(str(e) for e in group.exceptions))
+                self.exit_code = EX_IOERR
+            finally:
+                try:
+                    await queue.close()
+                except StoreError as exc:
+                    log.error("closing the queue failed: %s", exc)
+                    self.exit_code = self.exit_code or EX_IOERR
         finally:
-            await queue.close()
             self.notifier.close()
+
+    async def _report_salvage(self, queue: AsyncQueue, report: SalvageReport) -> None:
+        log.error(
+            "queue store was damaged (%s): quarantined as %s; %d record(s) salvaged into generation %s "
+            "(seq %s-%s), %s lost, %d unannounced gap(s) carried",
+            report.problem,
+            report.quarantined_path,
+            report.rows_salvaged,
+            report.new_generation,
+            report.first_new_seq,
+            report.last_new_seq,
+            "unknown" if report.rows_lost is None else report.rows_lost,
+            report.gaps_carried,
+        )
+        await queue.append([salvage_event(report)])
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Start a task owned by the agent's TaskGroup (cancelled at stop if still running)."""
@@ -286,19 +401,23 @@ class Agent:
             self.spawn(self._watch_clock(), "clock")
             self.spawn(self._log_stats(), "stats")
             self.start_metrics(cfg)
+            self.start_files(cfg)
             t_static = [self.spawn(d.run(self.emit), f"driver-{d.name}") for d in self._static_drivers or ()]
             if self._static_drivers is None:
                 self.start_buses(cfg, set(bus_groups(cfg.modbus)))
+                self.start_opcua(cfg, {s.name for s in cfg.opcua})
+                self.start_serial(cfg, {p.name for p in cfg.serial})
             if on_ready is not None:
                 on_ready()
+            n_devices = len(cfg.device_names)
             self.notifier.ready(
                 f"running: config {cfg.version or '(unversioned)'}, "
-                f"{len(cfg.modbus)} device(s), uplink {cfg.uplink.host}:{cfg.uplink.port}"
+                f"{n_devices} device(s), uplink {cfg.uplink.host}:{cfg.uplink.port}"
             )
             log.info(
                 "agent %s running: %d device(s), config %s (%s), queue %s, uplink %s:%d",
                 cfg.agent.id,
-                len(cfg.modbus),
+                n_devices,
                 self.cfg.version or "(unversioned)",
                 self.config_source,
                 cfg.queue_path,
@@ -320,6 +439,7 @@ class Agent:
         self.notifier.stopping("stopping: draining the queue")
         self.notifier.extend_timeout(cfg.agent.drain_on_stop_s + 10)
         drivers = [t for _, t in self.bus_drivers.values()] + t_static
+        drivers += [t for _, t in self.opcua_drivers.values()] + [t for _, t in self.serial_drivers.values()]
         for t in drivers:
             t.cancel()
         if drivers:
@@ -329,6 +449,7 @@ class Agent:
         await self._drain(queue, cfg.agent.drain_on_stop_s)
         t_forwarder.cancel()
         await asyncio.wait([t_forwarder])
+        await self.stop_files()
         await self._publish_offline("stopped")
         await self.stop_link()
         self.link.close()
@@ -400,11 +521,75 @@ class Agent:
         if tasks:
             await asyncio.wait(tasks)
 
-    def driver_for(self, device: str) -> ModbusDriver | None:
+    def start_opcua(self, cfg: AgentConfig, names: set[str]) -> None:
+        """One driver per server, so a config change restarts only the servers that changed."""
+        for server in cfg.opcua:
+            if server.name not in names:
+                continue
+            driver = OpcUaDriver((server,), clock_ns=self.stamp_ns, monotonic=time.monotonic)
+            task = self.spawn(driver.run(self.emit), f"driver-opcua-{server.name}")
+            self.opcua_drivers[server.name] = (driver, task)
+
+    def start_serial(self, cfg: AgentConfig, names: set[str]) -> None:
+        """One driver per port (a DBC file is loaded here: a missing one fails at config apply/start)."""
+        for port in cfg.serial:
+            if port.name not in names:
+                continue
+            try:
+                driver = SerialDriver(
+                    (port,), clock_ns=self.stamp_ns, monotonic=time.monotonic, name=port.name
+                )
+            except DbcError as exc:
+                # The port cannot be decoded: say so on its status point (a health gate sees it) and
+                # keep the other parts running; the next config (or a restart) tries again.
+                log.error("serial %s: %s; port not started", port.name, exc)
+                self.emit(
+                    Reading(port.name, port.status_point, None, Quality.BAD, self.stamp_ns(), reason=str(exc))
+                )
+                continue
+            task = self.spawn(driver.run(self.emit), f"driver-serial-{port.name}")
+            self.serial_drivers[port.name] = (driver, task)
+
+    async def stop_named(self, kind: str, names: set[str]) -> None:
+        """Stop the OPC UA ("opcua") or serial ("serial") drivers of these names."""
+        drivers: dict[str, Any] = self.opcua_drivers if kind == "opcua" else self.serial_drivers
+        tasks = []
+        for name in names:
+            entry = drivers.pop(name, None)
+            if entry is not None:
+                entry[1].cancel()
+                tasks.append(entry[1])
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def driver_for(self, device: str) -> ModbusDriver | OpcUaDriver | SerialDriver | None:
+        """The running driver that owns a device (Modbus device, OPC UA server or serial port name)."""
         for driver, _ in self.bus_drivers.values():
             if any(d.name == device for d in driver.devices):
                 return driver
+        if device in self.opcua_drivers:
+            return self.opcua_drivers[device][0]
+        if device in self.serial_drivers:
+            return self.serial_drivers[device][0]
         return None
+
+    # The file service follows the link (see agent.files.service); it is replaced when [files] changes.
+
+    def start_files(self, cfg: AgentConfig) -> None:
+        service = FileService(self.link, Path(cfg.agent.data_dir) / "files.db", cfg.files)
+        self.file_service = service
+        self._files_task = self.spawn(service.run(), "files")
+
+    async def stop_files(self) -> None:
+        task, self._files_task = self._files_task, None
+        self.file_service = None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+    @property
+    def file_stats(self) -> dict[str, int]:
+        return dict(self.file_service.stats) if self.file_service is not None else {}
 
     def start_link(self, cfg: AgentConfig) -> Uplink:
         use_props = cfg.uplink.protocol_level == 5
@@ -431,28 +616,34 @@ class Agent:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(uplink.run(), name="uplink")
             tg.create_task(self._status_loop(uplink), name="status")
-            if cfg.commands.enabled:
-                tg.create_task(self._serve_commands(uplink), name="commands")
+            tg.create_task(self._inbound(uplink, commands=cfg.commands.enabled), name="inbound")
 
-    async def _serve_commands(self, uplink: Uplink) -> None:
+    async def _inbound(self, uplink: Uplink, *, commands: bool) -> None:
+        """The link's one inbound reader: commands to the processor, file responses to the uploader."""
         assert self.processor is not None
         command_topic = self.topics.command
-        try:
-            codes = await uplink.subscribe([(command_topic, 1)])
-        except UplinkClosed:
-            return
-        if codes[0] >= 0x80:
-            log.error(
-                "commands: the broker refused our subscription to %s (0x%02x); remote commands off",
-                command_topic,
-                codes[0],
-            )
-            return
+        if commands:
+            try:
+                codes = await uplink.subscribe([(command_topic, 1)])
+            except UplinkClosed:
+                return
+            if codes[0] >= 0x80:
+                log.error(
+                    "commands: the broker refused our subscription to %s (0x%02x); remote commands off",
+                    command_topic,
+                    codes[0],
+                )
+                commands = False
         async for msg in uplink.inbound():
-            if msg.topic != command_topic:
-                continue
-            self._n += 1
-            self.spawn(self.processor.handle(msg), f"command-{self._n}")
+            if commands and msg.topic == command_topic:
+                self._n += 1
+                self.spawn(self.processor.handle(msg), f"command-{self._n}")
+            elif not self._file_response(msg):
+                log.debug("inbound: no reader for a message on %s", msg.topic)
+
+    def _file_response(self, msg: Publish) -> bool:
+        service = self.file_service
+        return service is not None and service.handle_message(msg)
 
     async def _status_loop(self, uplink: Uplink) -> None:
         try:
@@ -551,9 +742,7 @@ class Agent:
         p, f = self.pipeline.stats, self.forwarder.stats
         now_ns = time.time_ns()
         uplink = self.link.current
-        files: dict[str, int] = {}
-        if self.ops is not None:
-            files = self.ops.file_transfer_stats()
+        files = self.file_stats
         return Snapshot(
             agent_id=self.cfg.agent.id,
             config_version=self.cfg.version or "",
@@ -569,7 +758,13 @@ class Agent:
             if qs.oldest_ts_ns is None
             else max(0.0, (now_ns - qs.oldest_ts_ns) / 1e9),
             queue_appended_total=qs.appended_total,
-            queue_evicted_total=getattr(qs, "evicted_total", 0),
+            queue_evicted_total=qs.evicted_total,
+            queue_gaps_pending=qs.gaps_pending,
+            queue_written_bytes=qs.written_bytes,
+            queue_write_amplification=qs.write_amplification,
+            queue_written_bytes_per_hour=qs.written_bytes_per_hour,
+            gaps_announced=f.gaps_announced,
+            historical_batches=f.historical_batches,
             link_up=self.link.connected,
             transport=self.cfg.uplink.transport,
             reconnects=(uplink.reconnects if uplink is not None else 0) + max(0, self.link.swaps - 1),
@@ -595,7 +790,8 @@ class Agent:
             p, f = self.pipeline.stats, self.forwarder.stats
             log.info(
                 "stats: values=%d cards=%d records=%d queue_depth=%d queue_bytes=%d settled=%d "
-                "published_bytes=%d connected=%s",
+                "published_bytes=%d connected=%s evicted=%d gaps_pending=%d write_amplification=%s "
+                "written_bytes_per_hour=%s",
                 p.values_committed,
                 p.cards_committed,
                 p.records_committed,
@@ -604,6 +800,10 @@ class Agent:
                 f.records_settled,
                 f.bytes_published,
                 self.link.connected,
+                qs.evicted_total,
+                qs.gaps_pending,
+                "n/a" if qs.write_amplification is None else f"{qs.write_amplification:.2f}",
+                "n/a" if qs.written_bytes_per_hour is None else f"{qs.written_bytes_per_hour:.0f}",
             )
             self.notifier.status(
                 f"running: config {self.cfg.version or '(unversioned)'}, queue {qs.depth}, "

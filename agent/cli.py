@@ -1,4 +1,4 @@
-"""`edge-agent`: run the agent, check a config, poll devices once, inspect the durable buffer."""
+"""`edge-agent`: run the agent, check a config, poll devices once, inspect the buffer, send a file."""
 
 from __future__ import annotations
 
@@ -36,11 +36,38 @@ def _setup_logging(level: str) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config)
+    # Files the config names must exist on this box: a DBC that does not load would leave its port dark.
+    from drivers.serial.config import SlcanProtocol
+    from drivers.serial.dbc import CanDatabase, DbcError
+
+    for i, port in enumerate(cfg.serial):
+        if isinstance(port.protocol, SlcanProtocol):
+            try:
+                CanDatabase.from_file(port.protocol.dbc)
+            except DbcError as exc:
+                where = f"serial[{i}].protocol.dbc"
+                print(f"edge-agent: invalid config {args.config}: {where}: {exc}", file=sys.stderr)
+                return EX_CONFIG
     points = sum(len(d.points) for d in cfg.modbus)
     cards = sum(1 for d in cfg.modbus if d.card is not None)
+    opcua_points = sum(len(s.points) for s in cfg.opcua)
+    q = cfg.queue
+    bounds = [
+        f"{name}={value}"
+        for name, value in (
+            ("max_bytes", q.max_bytes),
+            ("max_records", q.max_records),
+            ("max_age_s", q.max_age_s),
+            ("min_free_disk_bytes", q.min_free_disk_bytes),
+        )
+        if value is not None
+    ]
     print(
         f"edge-agent: config OK: agent {cfg.agent.id}, {len(cfg.modbus)} modbus device(s), "
-        f"{points} point(s), {cards} card source(s), uplink {cfg.uplink.host}:{cfg.uplink.port}"
+        f"{points} point(s), {cards} card source(s), {len(cfg.opcua)} OPC UA server(s) "
+        f"({opcua_points} point(s)), {len(cfg.serial)} serial port(s), "
+        f"{len(cfg.files.folders)} watched folder(s), queue bounds {', '.join(bounds) or 'none'}, "
+        f"uplink {cfg.uplink.host}:{cfg.uplink.port}"
     )
     return 0
 
@@ -99,16 +126,73 @@ def cmd_poll(args: argparse.Namespace) -> int:
 
 def cmd_buffer(args: argparse.Namespace) -> int:
     from store_forward import inspect as store_inspect
+    from store_forward.model import StoreError
 
-    if args.action == "stats":
-        print(json.dumps(store_inspect.stats(args.db), indent=2, default=str))
-    elif args.action == "peek":
-        for row in store_inspect.peek(args.db, limit=args.limit):
-            print(json.dumps(row, default=str))
-    elif args.action == "export":
-        n = store_inspect.export(args.db, args.output)
-        print(f"edge-agent: exported {n} record(s) to {args.output}", file=sys.stderr)
+    try:
+        if args.action == "stats":
+            out = store_inspect.stats(args.db, audit=args.audit, live_window_s=args.live_window_s)
+            print(json.dumps(out, indent=2, default=str))
+            if args.audit and not _audit_ok(out):
+                print("edge-agent: audit found a problem (see audit above)", file=sys.stderr)
+                return 1
+        elif args.action == "peek":
+            for row in store_inspect.peek(args.db, limit=args.limit or 10):
+                print(json.dumps(row, default=str))
+        elif args.action == "export":
+            n = store_inspect.export(args.db, args.output)
+            print(f"edge-agent: exported {n} record(s) to {args.output}", file=sys.stderr)
+        elif args.action == "gaps":
+            gaps = store_inspect.gaps(args.db, limit=args.limit or 1000)
+            for gap in gaps:
+                print(json.dumps(gap, default=str))
+            print(f"edge-agent: {len(gaps)} gap(s) not yet announced upstream", file=sys.stderr)
+    except StoreError as exc:
+        print(f"edge-agent: {args.db}: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _audit_ok(out: dict[str, object]) -> bool:
+    audit = out.get("audit")
+    if not isinstance(audit, dict):
+        return True
+    return audit.get("quick_check") == ["ok"] and bool(audit.get("counters_match_rows"))
+
+
+def cmd_send_file(args: argparse.Namespace) -> int:
+    """Upload one file over the agent's broker, beside a running agent (its own client id)."""
+    cfg = _load_or_exit(args.config)
+    _setup_logging(args.log_level or "warning")
+    import dataclasses
+
+    from agent.app import uplink_config
+    from agent.files import ProgressBar, send_file
+
+    path = Path(args.path)
+    if not path.is_file():
+        print(f"edge-agent: {path}: no such file", file=sys.stderr)
+        return 1
+    # Not the agent's client id: the broker allows one connection per id and would drop the agent.
+    link = dataclasses.replace(uplink_config(cfg), client_id=f"{cfg.client_id}-send-file")
+    data_dir = Path(cfg.agent.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    bar = None if args.quiet else ProgressBar(path.name)
+
+    async def main() -> int:
+        async with asyncio.timeout(args.timeout_s):
+            outcome = await send_file(link, cfg.files, data_dir / "files.db", path, progress=bar)
+        if outcome.ok:
+            print(f"edge-agent: {path} uploaded as {outcome.file_id}")
+            return 0
+        print(f"edge-agent: upload of {path} failed: {outcome.error}", file=sys.stderr)
+        return 1
+
+    try:
+        return asyncio.run(main())
+    except TimeoutError:
+        print(f"edge-agent: {path} not uploaded within {args.timeout_s:g} s; run again to resume",
+              file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,11 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_poll)
 
     p = sub.add_parser("buffer", help="inspect the durable queue of a (stopped or running) agent")
-    p.add_argument("action", choices=["stats", "peek", "export"])
+    p.add_argument(
+        "action",
+        choices=["stats", "peek", "export", "gaps"],
+        help="stats: totals; peek: next records in drain order; export: every record as JSON lines; "
+        "gaps: evicted/lost ranges not yet announced upstream",
+    )
     p.add_argument("--db", required=True, help="queue database, e.g. /var/lib/edge-agent/queue.db")
-    p.add_argument("--limit", type=int, default=10, help="peek: how many records")
+    p.add_argument("--limit", type=int, help="peek: how many records (10); gaps: how many gaps (1000)")
     p.add_argument("--output", default="-", help="export: JSON-lines file (default stdout)")
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="stats: also run quick_check, recount the counters and split live/backlog (O(records)); "
+        "exit 1 if the check or the recount disagrees",
+    )
+    p.add_argument("--live-window-s", type=float, default=60.0, help="stats --audit: the live window")
     p.set_defaults(func=cmd_buffer)
+
+    p = sub.add_parser(
+        "send-file",
+        help="upload one file now over MQTT file transfer (beside a running agent; resumes an "
+        "interrupted upload of the same file); exit 1 if it was not uploaded",
+    )
+    p.add_argument("path")
+    p.add_argument("--config", required=True, help="the agent's TOML config (broker, [files] tuning)")
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="give up after this long (default 1 h)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_send_file)
     return parser
 
 

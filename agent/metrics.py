@@ -83,6 +83,12 @@ class Snapshot:
     clock_steps: int
     healthy: bool
     file_transfers: dict[str, int] = field(default_factory=dict)
+    queue_gaps_pending: int = 0
+    queue_written_bytes: int = 0
+    queue_write_amplification: float | None = None
+    queue_written_bytes_per_hour: float | None = None
+    gaps_announced: int = 0
+    historical_batches: int = 0
 
 
 def families(s: Snapshot) -> Iterator[Metric]:
@@ -141,6 +147,37 @@ def families(s: Snapshot) -> Iterator[Metric]:
         p + "queue_evicted_records",
         "Records evicted by queue bounds (never delivered)",
         value=s.queue_evicted_total,
+    )
+
+    yield GaugeMetricFamily(
+        p + "queue_gaps_pending",
+        "Gaps (evicted or lost records) not yet announced to the cloud",
+        value=s.queue_gaps_pending,
+    )
+    yield CounterMetricFamily(
+        p + "queue_written_bytes",
+        "Bytes the store wrote to storage since it opened (flash wear)",
+        value=s.queue_written_bytes,
+    )
+    if s.queue_write_amplification is not None:
+        yield GaugeMetricFamily(
+            p + "queue_write_amplification",
+            "Bytes written to storage per payload byte appended, since the store opened",
+            value=s.queue_write_amplification,
+        )
+    if s.queue_written_bytes_per_hour is not None:
+        yield GaugeMetricFamily(
+            p + "queue_written_bytes_per_hour",
+            "Storage write rate of the store since it opened",
+            value=s.queue_written_bytes_per_hour,
+        )
+    yield CounterMetricFamily(
+        p + "gaps_announced", "Gap notices acknowledged by the broker", value=s.gaps_announced
+    )
+    yield CounterMetricFamily(
+        p + "historical_batches",
+        "Backlog batches (older than the live window) acknowledged by the broker",
+        value=s.historical_batches,
     )
 
     link = GaugeMetricFamily(p + "link_up", "1 while the uplink is connected", labels=["transport"])

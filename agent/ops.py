@@ -38,6 +38,7 @@ from agent.config import AgentConfig, ConfigError, parse_toml
 from agent.configstore import ConfigStore, StoredConfig
 from drivers.base import CardReading, Quality, Reading
 from drivers.modbus.driver import poll_once
+from drivers.serial.driver import SerialDriver
 from uplink.schema.commands import Command, CommandError, ResultCode
 
 if TYPE_CHECKING:
@@ -125,16 +126,9 @@ class Operations:
         return out
 
     def _file_handlers(self) -> dict[str, Handler]:
-        # agent.files (file transfer) is another part's module and may not be present in this build.
-        try:
-            from agent import files  # type: ignore[attr-defined,unused-ignore]
-        except ImportError:
-            return {}
-        factory = getattr(files, "command_handlers", None)
-        if factory is None:
-            return {}
-        handlers: dict[str, Handler] = factory(self.agent)
-        return handlers
+        from agent.files.service import command_handlers
+
+        return command_handlers(self.agent)
 
     def file_transfer_stats(self) -> dict[str, int]:
         stats = getattr(self.agent, "file_stats", None)
@@ -265,6 +259,14 @@ class Operations:
         if buses:
             await a.stop_buses(buses)
             a.start_buses(new, buses)
+        for kind, start in (("opcua", a.start_opcua), ("serial", a.start_serial)):
+            names = _changed_named(getattr(old, kind), getattr(new, kind))
+            if names:
+                await a.stop_named(kind, names)
+                start(new, names)
+        if "files" in changes:
+            await a.stop_files()
+            a.start_files(new)
         if "uplink" in changes:
             await a.stop_link()
             # During a trial the agent's config is still `old`: the link's own settings come from `new`.
@@ -288,12 +290,16 @@ class Operations:
         driver = self.agent.driver_for(device)
         if driver is None:
             raise CommandError(ResultCode.INVALID, f"args.point: no device {device!r} on this agent")
+        if isinstance(driver, SerialDriver):
+            raise CommandError(
+                ResultCode.INVALID, f"args.point: {device} is a serial line; its points are read-only"
+            )
         try:
             async with asyncio.timeout(WRITE_TIMEOUT_S):
                 back = await driver.write(point, value)
         except KeyError as exc:
             raise CommandError(ResultCode.INVALID, f"args.point: {exc.args[0]}") from None
-        except PermissionError as exc:
+        except (PermissionError, ValueError) as exc:  # Modbus / OPC UA: the point is not writable
             raise CommandError(ResultCode.INVALID, f"args.point: {exc}") from None
         except TimeoutError:
             return Outcome(
@@ -431,15 +437,28 @@ class _Gate:
 
 def _changed_parts(old: AgentConfig, new: AgentConfig) -> list[str]:
     parts = []
-    for name in ("version", "agent", "uplink", "pipeline", "commands", "status", "metrics", "modbus"):
+    for name in (
+        "version", "agent", "uplink", "pipeline", "commands", "status", "metrics", "files", "modbus", "opcua",
+        "serial",
+    ):
         if getattr(old, name) != getattr(new, name):
             parts.append(name)
     return [p for p in parts if p != "version"]
 
 
 def _changed_devices(old: AgentConfig, new: AgentConfig) -> set[str]:
-    before = {d.name: d for d in old.modbus}
-    return {d.name for d in new.modbus if before.get(d.name) != d}
+    """Devices (Modbus devices, OPC UA servers, serial ports) that are new or changed in `new`."""
+    out: set[str] = set()
+    for kind in ("modbus", "opcua", "serial"):
+        before = {d.name: d for d in getattr(old, kind)}
+        out |= {d.name for d in getattr(new, kind) if before.get(d.name) != d}
+    return out
+
+
+def _changed_named(old: tuple[Any, ...], new: tuple[Any, ...]) -> set[str]:
+    """Names of OPC UA servers / serial ports added, removed or changed: each is its own driver."""
+    a, b = {x.name: x for x in old}, {x.name: x for x in new}
+    return {n for n in a.keys() | b.keys() if a.get(n) != b.get(n)}
 
 
 def _changed_buses(old: AgentConfig, new: AgentConfig) -> set[BusKey]:
@@ -450,6 +469,7 @@ def _changed_buses(old: AgentConfig, new: AgentConfig) -> set[BusKey]:
 
 
 async def _check_devices(cfg: AgentConfig, names: set[str]) -> list[str]:
+    """Read the named Modbus devices once (OPC UA servers and serial ports are judged by the gate)."""
     devices = [d for d in cfg.modbus if d.name in names]
     index = {d.name: i for i, d in enumerate(cfg.modbus)}
     problems = []

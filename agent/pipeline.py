@@ -8,6 +8,13 @@ accepted only then. If the queue stalls, pending readings are bounded by `max_pe
 dropped and counted in `dropped_overflow` (reported, never silent). On cancellation `run` flushes what
 is pending once more, so a clean SIGTERM loses nothing.
 
+Store errors: a `StoreFull` (disk full and nothing evictable) or `StoreIOError` append stored nothing;
+the readings go back in front of the pending list (still bounded by `max_pending`, oldest dropped and
+counted) and the next flush waits a back-off (doubling from FULL_BACKOFF_MIN_S to FULL_BACKOFF_MAX_S),
+so the agent keeps acquiring through a full disk and stores again once the forwarder made room. Any
+other store error (`StoreCorrupt`: damage found at runtime, `StoreBusy`, `StoreClosed`) propagates: the
+agent stops with a non-zero exit and the service manager restarts it, and start-up salvages.
+
 Clock integrity (agent.clock): with a `clock` (ClockState oracle), a reading stamped while the wall clock
 was never synchronized is flagged `unsynced`. When the clock steps (`clock_stepped`), readings still
 pending were stamped in the old time frame: they are re-stamped into the new one (exact, the monotonic
@@ -25,10 +32,13 @@ from typing import Protocol
 
 from agent.clock import ClockStep, restamp
 from drivers.base import CardReading, ClockState, Quality, Reading
-from store_forward.model import NewRecord, Priority
+from store_forward.model import NewRecord, Priority, StoreFull, StoreIOError
 from uplink.schema.records import CardRecord, EventRecord, PointValue, TelemetryRecord, encode_record
 
 log = logging.getLogger(__name__)
+
+FULL_BACKOFF_MIN_S = 0.5
+FULL_BACKOFF_MAX_S = 30.0
 
 
 class Appender(Protocol):
@@ -59,6 +69,7 @@ class PipelineStats:
     cards_committed: int = 0
     values_committed: int = 0
     append_failures: int = 0
+    store_full: int = 0  # flushes refused by a full store (retried after a back-off)
     restamped: int = 0
     devices: dict[str, DeviceStats] = field(default_factory=dict)
 
@@ -183,6 +194,9 @@ class Pipeline:
                 self.stats.suppressed_by_deadband += 1
                 return
         self._pending.append(item)
+        self._bound_pending()
+
+    def _bound_pending(self) -> None:
         if len(self._pending) > self._max_pending:
             drop = len(self._pending) - self._max_pending
             del self._pending[:drop]
@@ -190,22 +204,41 @@ class Pipeline:
             log.warning("pipeline: queue is not keeping up; dropped %d oldest readings", drop)
 
     async def run(self) -> None:
+        backoff_s = 0.0
         try:
             while True:
                 if self._progress is not None:
                     self._progress()  # alive: a stuck append (disk) stops these marks
                 self._wake.clear()
+                if backoff_s:
+                    await asyncio.sleep(backoff_s)  # a wake (clock step) must not cut a back-off short
+                else:
+                    try:
+                        async with asyncio.timeout(self._flush_interval_s):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
                 try:
-                    async with asyncio.timeout(self._flush_interval_s):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-                await self.flush()
+                    await self.flush()
+                except (StoreFull, StoreIOError) as exc:
+                    backoff_s = min(FULL_BACKOFF_MAX_S, max(FULL_BACKOFF_MIN_S, backoff_s * 2))
+                    log.warning(
+                        "pipeline: the store refused %d reading(s) (%s); keeping them, retry in %.1f s",
+                        len(self._pending),
+                        exc,
+                        backoff_s,
+                    )
+                    continue
+                backoff_s = 0.0
         finally:
             # Clean shutdown: commit what drivers already handed us. Shielded so cancellation
             # of the owner does not abandon the final append half-way.
             if self._pending or self._events:
-                await asyncio.shield(self.flush())
+                try:
+                    await asyncio.shield(self.flush())
+                except (StoreFull, StoreIOError) as exc:
+                    self.stats.dropped_overflow += len(self._pending)
+                    log.error("pipeline: %d reading(s) not stored at stop: %s", len(self._pending), exc)
 
     async def flush(self) -> None:
         if not self._pending and not self._events:
@@ -216,11 +249,14 @@ class Pipeline:
         records[:0] = [NewRecord("event", encode_record(e), e.ts_ns, Priority.EVENT) for e in events]
         try:
             await self._queue.append(records)
-        except BaseException:
+        except BaseException as exc:
             # Not committed: put the readings back in front so nothing is lost, then re-raise.
             self._pending[:0] = items
             self._events[:0] = events
             self.stats.append_failures += 1
+            if isinstance(exc, StoreFull):
+                self.stats.store_full += 1
+            self._bound_pending()
             raise
         self.stats.records_committed += len(records)
         self.stats.cards_committed += cards

@@ -7,12 +7,20 @@ agent's store and `seq` its monotonic counter, so `(generation, seq)` is the end
 the cloud drops duplicates (at-least-once on the wire) and detects gaps.
 
 MQTT 5 properties repeat the essentials so a broker rule can route without decoding the payload:
-content type, and user properties `gen`, `seq` ("first-last") and `enc` (compression).
+content type, and user properties `gen`, `seq` ("first-last"), `enc` (compression) and, on batches
+drained from the backlog, `hist` = "1" (also `historical` in the payload: old data to fill in history,
+never a reason for a live alarm).
+
+A *gap notice* (`GapNotice`, stream "gap": `{prefix}/{agent}/data/gap`) says that `count` records of
+`gen` with seqs in `first_seq..last_seq` will never be delivered, and why: `reason` "evicted" (dropped by
+the queue's bounds policy; `detail` names the bound) or "lost" (damage found at start-up, salvaged into
+a new generation). A seq missing without a gap notice is a real fault. Notices are delivered at least
+once (the same `gap_id` of the same `gen` may repeat).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import zstandard
@@ -27,6 +35,11 @@ CONTENT_TYPES: dict[str, str] = {
     "msgpack": "application/vnd.fieldgate.batch.v1+msgpack",
     "json": "application/vnd.fieldgate.batch.v1+json",
 }
+GAP_CONTENT_TYPES: dict[str, str] = {
+    "msgpack": "application/vnd.fieldgate.gap.v1+msgpack",
+    "json": "application/vnd.fieldgate.gap.v1+json",
+}
+GAP_STREAM = "gap"  # the data stream gap notices travel on
 Scalar = float | int | bool | str | None
 
 
@@ -74,6 +87,7 @@ class EventRecord(msgspec.Struct, frozen=True, tag="event"):
     message: str
     ts_ns: int
     severity: str = "info"
+    data: dict[str, Any] | None = None  # structured details (e.g. the store's salvage report)
 
 
 Record = TelemetryRecord | CardRecord | EventRecord
@@ -158,10 +172,17 @@ def encode_batch(
     if compression == "zstd":
         payload = zstandard.ZstdCompressor(level=3).compress(payload)
     seqs = [s for s, _, _ in items]
+    user: tuple[tuple[str, str], ...] = (
+        ("gen", generation),
+        ("seq", f"{min(seqs)}-{max(seqs)}"),
+        ("enc", compression),
+    )
+    if historical:
+        user += (("hist", "1"),)
     props = Properties(
         content_type=CONTENT_TYPES[encoding],
         payload_format_indicator=1 if (encoding == "json" and compression == "none") else None,
-        user_properties=(("gen", generation), ("seq", f"{min(seqs)}-{max(seqs)}"), ("enc", compression)),
+        user_properties=user,
     )
     return payload, props
 
@@ -183,3 +204,45 @@ def decode_batch(payload: bytes, properties: Properties | None = None) -> Decode
     if encoding == "json":
         return _json_batch_decoder.decode(payload)
     return _mp_batch_decoder.decode(payload)
+
+
+class GapNotice(msgspec.Struct, frozen=True, kw_only=True):
+    """Records that will never be delivered (see the module docstring); one per store gap row."""
+
+    v: int
+    agent: str
+    gen: str
+    gap_id: int  # the store's id of the gap: with `gen`, the key to drop repeated notices
+    first_seq: int
+    last_seq: int
+    count: int  # how many of the seqs in first..last are explained by this gap
+    record_class: str | None  # "alarm" | "event" | "card" | "telemetry" | "bulk"; None: unknown
+    reason: str  # "evicted" | "lost"
+    detail: str  # the bound that evicted (max_bytes, max_records, max_age, disk_floor, disk_full) or damage
+    recorded_ns: int
+
+
+_gap_mp_decoder = msgspec.msgpack.Decoder(GapNotice)
+_gap_json_decoder = msgspec.json.Decoder(GapNotice)
+
+
+def encode_gap(notice: GapNotice, *, encoding: Encoding = "msgpack") -> tuple[bytes, Properties]:
+    """One gap notice as a PUBLISH payload and its MQTT 5 properties (never compressed: it is small)."""
+    payload = _mp_encoder.encode(notice) if encoding == "msgpack" else _json_encoder.encode(notice)
+    props = Properties(
+        content_type=GAP_CONTENT_TYPES[encoding],
+        payload_format_indicator=1 if encoding == "json" else None,
+        user_properties=(
+            ("gen", notice.gen),
+            ("seq", f"{notice.first_seq}-{notice.last_seq}"),
+            ("gap", notice.reason),
+        ),
+    )
+    return payload, props
+
+
+def decode_gap(payload: bytes) -> GapNotice:
+    """Decode a gap notice (JSON or MessagePack, sniffed)."""
+    if payload[:1] == b"{":
+        return _gap_json_decoder.decode(payload)
+    return _gap_mp_decoder.decode(payload)
