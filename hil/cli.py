@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     opcua_station.add_parser(sub)
     tbox.add_parser(sub)
     impair.add_parser(sub)
+    from hil.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     demo.add_parser(sub)
     return parser
 
