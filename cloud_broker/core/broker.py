@@ -176,6 +176,7 @@ class Connection:
         "protocol_level",
         "session",
         "state",
+        "violation",
         "will",
     )
 
@@ -189,6 +190,8 @@ class Connection:
         # While AUTHENTICATING: the CONNECT, the client id in use, the id we assigned (v5), the will.
         self.pending_connect: tuple[Connect, str, str | None, Will | None] | None = None
         self.backlog: list[Packet] = []  # packets pipelined behind a CONNECT being authenticated
+        # A violation that arrived behind a CONNECT being authenticated: answered after its CONNACK.
+        self.violation: ProtocolError | None = None
         self.opened_at = now
         self.last_rx = now
         self.decoder = Decoder(None, max_packet_size)
@@ -301,10 +304,18 @@ class Broker:
             return
         conn.last_rx = now
         self.counters.bytes_received += len(data)
+        if conn.violation is not None:
+            return  # its decoder failed already; the violation is answered once its CONNECT is
         try:
             packets = conn.decoder.feed(data)
         except RemoteProtocolError as exc:
-            self._violation(conn, exc, now)
+            # The valid packets that preceded the violation in this chunk are served first, so a
+            # CONNECT followed by garbage gets CONNACK 0 and then DISCONNECT, not a failed CONNACK.
+            self._handle_all(conn, list(exc.packets_before), now)
+            if conn.state is _State.AUTHENTICATING:
+                conn.violation = exc
+            elif conn.state is not _State.CLOSED:
+                self._violation(conn, exc, now)
             return
         self._handle_all(conn, packets, now)
 
@@ -443,6 +454,9 @@ class Broker:
         self._finish_connect(conn, pkt, client_id, assigned, will, result, now)
         backlog, conn.backlog = conn.backlog, []
         self._handle_all(conn, backlog, now)
+        violation, conn.violation = conn.violation, None
+        if violation is not None and conn.state is not _State.CLOSED:
+            self._violation(conn, violation, now)
 
     def set_congested(self, conn_id: int, congested: bool, now: float) -> None:
         """The connection's write buffer passed the high-water mark (True) or drained (False)."""
@@ -817,7 +831,7 @@ class Broker:
             if qos and self._hooks:
                 self._next_ticket += 1
                 ticket = self._next_ticket
-            reason = self._accept(client, message, now, ticket)
+            reason = self._accept(client, message, now, ticket, pid or 0)
         if qos == 0:
             return
         assert pid is not None
@@ -863,10 +877,11 @@ class Broker:
             self._write(conn.conn_id, entry.data)
         self._held_conns.discard(conn.conn_id)
 
-    def _accept(self, client: ClientInfo, message: Message, now: float, ticket: int = 0) -> int:
+    def _accept(self, client: ClientInfo, message: Message, now: float, ticket: int = 0,
+                packet_id: int = 0) -> int:
         """Hooks, retained store, routing; returns the PUBACK/PUBREC reason code (or ACK_LATER)."""
         for hook in self._hooks:
-            verdict = hook.on_publish(client, message, ticket)
+            verdict = hook.on_publish(client, message, ticket, packet_id)
             if verdict is not None:
                 return verdict
         if message.retain:

@@ -39,8 +39,11 @@ ACK_LATER = -1
 class MessageHook(Protocol):
     """Sees every accepted PUBLISH before routing (rules, file transfer under `$file/`)."""
 
-    def on_publish(self, client: ClientInfo, message: Message, ticket: int) -> int | None:
+    def on_publish(self, client: ClientInfo, message: Message, ticket: int, packet_id: int) -> int | None:
         """Return None to route the message normally, or a reason code to acknowledge it without routing.
+
+        `packet_id` is the PUBLISH's packet identifier (0 for QoS 0 and for wills), for hooks whose
+        answers name the request they answer (file-transfer responses).
 
         A hook that consumes a message (file transfer segments) returns the PUBACK reason code, e.g. 0x00
         or 0x80. The first hook that returns a code wins; later hooks do not see the message.

@@ -709,7 +709,7 @@ class FileSink:
     def __init__(self) -> None:
         self.seen: list[Message] = []
 
-    def on_publish(self, client: ClientInfo, message: Message, ticket: int) -> int | None:
+    def on_publish(self, client: ClientInfo, message: Message, ticket: int, packet_id: int) -> int | None:
         if message.topic.startswith("$file/"):
             self.seen.append(message)
             return ReasonCode.SUCCESS

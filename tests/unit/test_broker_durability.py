@@ -122,7 +122,7 @@ class Later:
     def __init__(self) -> None:
         self.tickets: list[int] = []
 
-    def on_publish(self, client: ClientInfo, message: Message, ticket: int) -> int | None:
+    def on_publish(self, client: ClientInfo, message: Message, ticket: int, packet_id: int) -> int | None:
         if message.topic.startswith("$file/"):
             self.tickets.append(ticket)
             return ACK_LATER
