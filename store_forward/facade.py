@@ -15,6 +15,18 @@ append is committed at once. A non-append job ends the gathering, so a lease or 
 most one commit. If the merged transaction fails, every caller in it gets the error and none of its
 records is stored.
 
+Pipelined acknowledgements. Waking a group's callers costs the loop a burst of Python work (one task
+step per caller, plus whatever the callers do next, typically building their next records), and the
+loop shares the GIL with the writer. Delivered right after COMMIT, that burst collides with the
+writer's own Python work on the next group (gathering it, building its rows), and the two serialize.
+So when the next group is already waiting, the writer holds the committed group's results back and
+delivers them from the next transaction's `before_commit` hook, i.e. while that COMMIT's fsync runs
+without the GIL. The results are delivered at once instead whenever the writer would otherwise block
+(nothing queued, lingering for more, a non-append job, an eviction run, close) and whenever the next
+commit fails, so no caller waits on an idle writer. Only results of transactions that have committed
+are ever delivered: the hold back delays an acknowledgement by at most one group's insert time, it
+never makes one early.
+
 Cancellation. Cancelling an awaiting `append` does not withdraw its records: they may still be
 committed (and later forwarded); only the seqs are lost to the caller. At-least-once tolerates that.
 
@@ -67,6 +79,9 @@ DISK_FULL_HEADROOM_BYTES = 64 * 1024
 log = logging.getLogger(__name__)
 
 
+_Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
 @dataclass(slots=True)
 class _Job:
     op: str  # "append" | "call" | "stop"
@@ -103,6 +118,9 @@ class AsyncQueue:
         self._idle_checkpoint_s = idle_checkpoint_s
         self._thread_name = thread_name
         self._jobs: thread_queue.SimpleQueue[_Job] = thread_queue.SimpleQueue()
+        # Results of the last committed group not delivered yet (writer thread only; see the module
+        # docstring, "Pipelined acknowledgements").
+        self._held: list[_Outcome] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -251,13 +269,19 @@ class AsyncQueue:
                 job, pending = pending, None
             else:
                 try:
-                    job = self._jobs.get(timeout=self._idle_checkpoint_s)
+                    job = self._jobs.get_nowait()
                 except thread_queue.Empty:
-                    if dirty:
-                        dirty = False
-                        self._apply_bounds(q, force=True)
-                        self._idle_checkpoint(q)
-                    continue
+                    self._deliver_held()  # about to wait: nobody may wait on an idle writer
+                    try:
+                        job = self._jobs.get(timeout=self._idle_checkpoint_s)
+                    except thread_queue.Empty:
+                        if dirty:
+                            dirty = False
+                            self._apply_bounds(q, force=True)
+                            self._idle_checkpoint(q)
+                        continue
+            if job.op != "append":
+                self._deliver_held()
             if job.op == "stop":
                 self._stop(q, job)
                 return
@@ -282,11 +306,18 @@ class AsyncQueue:
         n = len(first.records)
         deadline = time.monotonic() + (self._max_batch_delay_s if linger else 0.0)
         while n < self._max_batch_records:
-            remaining_s = deadline - time.monotonic()
             try:
-                nxt = self._jobs.get(timeout=remaining_s) if remaining_s > 0 else self._jobs.get_nowait()
+                nxt = self._jobs.get_nowait()
             except thread_queue.Empty:
-                return group, None
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    return group, None
+                # Lingering for callers that may be among those whose results are held: deliver first.
+                self._deliver_held()
+                try:
+                    nxt = self._jobs.get(timeout=remaining_s)
+                except thread_queue.Empty:
+                    return group, None
             if nxt.op != "append" or n + len(nxt.records) > self._max_batch_records:
                 return group, nxt
             group.append(nxt)
@@ -297,24 +328,30 @@ class AsyncQueue:
         records = [r for job in group for r in job.records]
         try:
             try:
-                seqs = q.append(records)
+                seqs = q.append(records, before_commit=self._deliver_held)
             except StoreFull:
+                self._deliver_held()  # making room takes a while; the earlier group has committed
                 if not self._make_room(q, sum(len(r.payload) for r in records)):
                     raise
                 seqs = q.append(records)  # once: a second StoreFull goes to the callers
                 self.full_recoveries += 1
         except Exception as e:  # noqa: BLE001 -- re-raised in every caller of the failed transaction
-            self._resolve_all([(job.future, None, e) for job in group])
+            self._held.extend((job.future, None, e) for job in group)
+            self._deliver_held()
             return
         self.commits += 1
         self.appends += len(group)
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         i = 0
         for job in group:
-            outcomes.append((job.future, seqs[i:i + len(job.records)], None))
+            self._held.append((job.future, seqs[i:i + len(job.records)], None))
             i += len(job.records)
-        # One wake-up of the loop per commit, not one per caller.
-        self._resolve_all(outcomes)
+        # Delivered by the next commit's before_commit hook, or as soon as the writer would wait.
+
+    def _deliver_held(self) -> None:
+        """Wake the callers whose results are held: one wake-up of the loop for all of them."""
+        if self._held:
+            outcomes, self._held = self._held, []
+            self._resolve_all(outcomes)
 
     def _make_room(self, q: Queue, payload_bytes: int) -> bool:
         """After StoreFull: evict by policy enough for the failed group; True if anything was freed."""
@@ -341,6 +378,7 @@ class AsyncQueue:
         if not force and last is not None and now_s - last < self._evict_interval_s:
             return
         self._last_evict_s = now_s
+        self._deliver_held()
         try:
             n = q.evict(self._bounds, now_s)
         except StoreError as e:
@@ -373,7 +411,7 @@ class AsyncQueue:
                 return
             self._resolve(late.future, None, StoreClosed("AsyncQueue closed"))
 
-    def _resolve_all(self, outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    def _resolve_all(self, outcomes: list[_Outcome]) -> None:
         assert self._loop is not None
 
         def apply() -> None:

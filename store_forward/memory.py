@@ -57,9 +57,12 @@ class MemoryQueue:
         self._next_gap_id = 1
         self._closed = False
 
-    def append(self, records: Sequence[NewRecord]) -> list[int]:
+    def append(self, records: Sequence[NewRecord], *,
+               before_commit: Callable[[], None] | None = None) -> list[int]:
         self._check_open()
         validate_new_records(records)
+        if before_commit is not None:
+            before_commit()  # nothing below can fail: this is the memory queue's "commit point"
         enqueued_ns = self._clock_ns()
         seqs: list[int] = []
         for r in records:

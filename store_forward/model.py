@@ -23,7 +23,7 @@ Contract shared by every implementation (SQLite, memory, and the async facade in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import TYPE_CHECKING, Protocol
@@ -168,7 +168,13 @@ class QueueStats:
 class Queue(Protocol):
     """The synchronous, deterministic queue; the event loop reaches it through `facade.AsyncQueue`."""
 
-    def append(self, records: Sequence[NewRecord]) -> list[int]: ...
+    def append(self, records: Sequence[NewRecord], *,
+               before_commit: Callable[[], None] | None = None) -> list[int]:
+        """Store records durably and return their seqs. `before_commit`, if given, is called once the
+        records are written and only the commit is left (for SQLite: inside the transaction, just
+        before COMMIT); it must not raise. The facade uses it to acknowledge the previous group commit
+        while this one's fsync runs."""
+        ...
 
     def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
               lease_s: float = 60.0, lane: Lane = Lane.ANY,

@@ -454,9 +454,10 @@ class SqliteQueue:
 
     # -- the Queue contract --------------------------------------------------------------------------
 
-    def append(self, records: Sequence[NewRecord]) -> list[int]:
+    def append(self, records: Sequence[NewRecord], *,
+               before_commit: Callable[[], None] | None = None) -> list[int]:
         validate_new_records(records)
-        return self._append(records, None)
+        return self._append(records, None, before_commit)
 
     def restore(self, records: Sequence[NewRecord], enqueued_ns: Sequence[int]) -> list[int]:
         """Append records keeping their original enqueue times (salvage), so age bounds and lanes
@@ -466,9 +467,11 @@ class SqliteQueue:
             raise ValueError("restore: one enqueued_ns per record")
         return self._append(records, enqueued_ns)
 
-    def _append(self, records: Sequence[NewRecord], enqueued: Sequence[int] | None) -> list[int]:
+    def _append(self, records: Sequence[NewRecord], enqueued: Sequence[int] | None,
+                before_commit: Callable[[], None] | None = None) -> list[int]:
         """Insert records; `enqueued` gives each one's enqueue time (salvage keeps the original ones),
-        None stamps them all with the clock now."""
+        None stamps them all with the clock now. `before_commit` runs inside the transaction, after the
+        rows and counters are written, right before COMMIT (see `Queue.append`)."""
         conn = self._db()
         if not records:
             return []
@@ -496,6 +499,8 @@ class SqliteQueue:
         with _translate(self.path, f"append {n_records} record(s)"), self._transaction(conn):
             self._insert_rows(conn, params)
             conn.execute(_SQL_UPDATE_COUNTERS, new.as_row())
+            if before_commit is not None:
+                before_commit()
         # Adopt the new counters only after COMMIT: a failed transaction leaves memory and disk agreeing.
         self._counters = new
         self._after_write(total_bytes + PAGE_SIZE * (2 + n_records // 64))

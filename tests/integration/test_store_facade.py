@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -39,12 +39,13 @@ class GatedQueue:
         self.threads: set[str] = set()
         self.checkpointed = threading.Event()
 
-    def append(self, records: Sequence[NewRecord]) -> list[int]:
+    def append(self, records: Sequence[NewRecord], *,
+               before_commit: Callable[[], None] | None = None) -> list[int]:
         self.threads.add(threading.current_thread().name)
         self.groups.append(len(records))
         self.entered.set()
         assert self.release.wait(10)
-        return self.inner.append(records)
+        return self.inner.append(records, before_commit=before_commit)
 
     def lease(self, max_items: int, now_s: float, *, max_bytes: int | None = None,
               lease_s: float = 60.0, lane: Lane = Lane.ANY, live_window_s: float = 60.0) -> Batch:
