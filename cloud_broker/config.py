@@ -13,6 +13,7 @@ from typing import Literal
 import msgspec
 
 from cloud_broker.core.settings import SESSION_NEVER_EXPIRES, CoreSettings
+from cloud_broker.files.config import FileTransferConfig
 from uplink.mqtt.packets import MAX_PACKET_SIZE
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd units use it to stop restart loops
@@ -28,6 +29,22 @@ class ConfigError(ValueError):
         self.reason = reason
 
 
+class QuicOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """QUIC transport tunables of one "quic" listener (`quic = { ... }` in its `[[listeners]]` entry)."""
+
+    max_streams_bidi: int = 10  # concurrent client bidi streams: the control stream + data streams
+    idle_timeout_s: float = 0.0  # 0: ours is off and the client's max_idle_timeout governs
+    max_connections: int = 100_000  # above this, new connections are refused (application error 2)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_streams_bidi <= 1000:
+            raise ValueError("max_streams_bidi must be within 1..1000")
+        if self.idle_timeout_s < 0:
+            raise ValueError("idle_timeout_s must be >= 0 (0 disables it)")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+
+
 class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One bound socket. TLS settings apply to kinds "tls" and "wss" (and "quic", which needs a cert)."""
 
@@ -39,6 +56,7 @@ class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ca_file: str | None = None  # PEM CAs that sign client certificates; set to ask for client certificates
     require_client_cert: bool = False  # with ca_file: refuse TLS clients without a valid certificate
     ws_path: str = "/mqtt"  # the HTTP path WebSocket clients upgrade on
+    quic: QuicOptions = QuicOptions()  # kind "quic" only
 
     def __post_init__(self) -> None:
         from cloud_broker.listeners import available_kinds
@@ -56,6 +74,8 @@ class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("require_client_cert needs ca_file (the CA that signs client certificates)")
         if not self.ws_path.startswith("/"):
             raise ValueError("ws_path must start with '/'")
+        if self.kind != "quic" and self.quic != QuicOptions():
+            raise ValueError(f"quic options apply to quic listeners only, not {self.kind}")
 
 
 class LimitsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -204,10 +224,15 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     sys: SysSection = SysSection()
     backpressure: BackpressureSection = BackpressureSection()
     metrics: MetricsSection = MetricsSection()
+    file_transfer: FileTransferConfig = FileTransferConfig()
 
     def __post_init__(self) -> None:
         if not self.listeners:
             raise ValueError("listeners must name at least one listener")
+        if self.file_transfer.enable and self.data_dir is None:
+            # Segments must reach disk before their PUBACK, and the GC and exports need a home too.
+            raise ValueError("file_transfer.enable: file transfer needs data_dir (segments and exported "
+                             "files are kept below it)")
 
     def credentials_path(self) -> Path | None:
         p = Path(self.auth.credentials_file)
@@ -254,6 +279,10 @@ def parse_config(data: dict[str, object]) -> BrokerConfig:
         text = str(exc)
         m = _AT_RE.match(text)
         if not m:
+            # BrokerConfig's own cross-section checks name their field as "section.key: reason".
+            named = re.match(r"^([a-z_]+(?:\.[a-z_]+)+): (.*)$", text, re.S)
+            if named:
+                raise ConfigError(named.group(1), named.group(2)) from None
             raise ConfigError("", text) from None
         msg, path = m.group("msg"), m.group("path").lstrip(".")
         field = re.match(r"Object missing required field `([^`]+)`", msg)

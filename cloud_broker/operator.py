@@ -380,14 +380,19 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p = sub.add_parser("agents", help="fleet table from the agents' retained status messages")
     _add_connection(p)
     p.add_argument("--json", action="store_true", help="one JSON object per agent")
+    p.description = ("Collect the agents' retained status messages and print one row per agent "
+                     "(state, versions, link, queue); exits 0.")
     p.set_defaults(func=cmd_agents)
 
     p = sub.add_parser("config", help="push a config to an agent (config push AGENT FILE)")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     push = csub.add_parser("push", help="send FILE as config.apply and wait for the verdict")
     _add_connection(push)
-    push.add_argument("agent")
+    push.add_argument("agent", help="the agent's name (its MQTT user name and topic tree)")
     push.add_argument("file", help="agent TOML config with a top-level version")
+    push.description = ("Send FILE to AGENT as a config.apply command and wait for its verdict, showing "
+                        "progress notes. Exit 0: applied (code ok); 1: refused or rolled back; 2: no "
+                        "answer within --timeout-s.")
     push.add_argument("--dry-run", action="store_true", help="validate (and read new devices) only")
     push.add_argument("--check-devices", action="store_true", help="read each new/changed device first")
     push.add_argument(
@@ -397,16 +402,19 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 
     p = sub.add_parser("cmd", help="send a command to an agent: cmd AGENT NAME [key=value ...]")
     _add_connection(p)
-    p.add_argument("agent")
+    p.description = ("Send command NAME with key=value arguments to AGENT and print its response. Exit 0: "
+                     "code ok; 1: another code; 2: no answer within --timeout-s.")
+    p.add_argument("agent", help="the agent's name (its MQTT user name and topic tree)")
     p.add_argument("name", help="config.get, point.write, card.capture, logs.fetch, agent.status, ...")
     p.add_argument("args", nargs="*", help="key=value (a value that parses as JSON is JSON)")
     p.set_defaults(func=cmd_cmd)
 
 
 def _add_connection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT")
-    p.add_argument("--username")
-    p.add_argument("--password")
+    p.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT",
+                   help="the broker to connect to over MQTT/TCP (default: 127.0.0.1:1883)")
+    p.add_argument("--username", help="an operator-role user (cloud-broker device add NAME --role operator)")
+    p.add_argument("--password", help="that user's password")
     p.add_argument("--mqtt", choices=["3.1.1", "5"], default="5", help="protocol version")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix of the agents")
     p.add_argument("--client-id", default=None, help="default: operator-<random>")

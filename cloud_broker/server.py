@@ -10,8 +10,11 @@ one iteration therefore cost one syscall per subscriber and one journal batch. T
 commits and the auth worker verdicts back through `call_soon_threadsafe`; the core then releases the
 held PUBACKs / answers the CONNECTs, and the next flush writes them. The core's timers run from a
 single `loop.call_at` handle, re-armed after every flush. `$SYS` statistics and slow-consumer checks
-are `call_later` handles too. There are no background tasks: everything happens in listener
-callbacks, these handles and the two worker threads, which `BrokerServer.close` stops.
+are `call_later` handles too. The protocol runs in listener callbacks, these handles and the two
+worker threads. Components with work of their own (the file-transfer server's jobs and GC) run as
+named tasks in one TaskGroup owned by the `BrokerServer` (its `broker-components` task); such a
+component that dies sets `hub.failed` like a journal failure does, and `BrokerServer.close` cancels
+them before it stops the threads.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cloud_broker.acl import Acl, AclRule, default_rules
 from cloud_broker.auth import AuthWorker, DeviceAuthenticator, FailureLimiter
@@ -29,6 +34,7 @@ from cloud_broker.core.broker import Broker
 from cloud_broker.core.hooks import Authenticator, Authorizer, MessageHook
 from cloud_broker.core.model import AuthRequest, AuthResult
 from cloud_broker.core.persistence import Persistence, StoredState
+from cloud_broker.files.server import FileTransferServer, HubLink, acl_rules
 from cloud_broker.listeners import start_listener
 from cloud_broker.listeners.base import BoundListener, ConnectionSink
 from cloud_broker.persistence.sqlite import SqlitePersistence
@@ -64,7 +70,9 @@ class BrokerHub:
         self.journal: JournalWriter | None = None
         self.auth: AuthWorker | None = None
         self.slow_consumers_disconnected = 0
+        # Set when the broker cannot go on (journal writes fail, a component died): its owner stops it.
         self.failure: Exception | None = None
+        self.failed_what = ""
         self.failed = asyncio.Event()
 
     @property
@@ -142,8 +150,18 @@ class BrokerHub:
         self._after_event()
 
     def journal_failed(self, exc: Exception) -> None:
-        self.failure = exc
-        self.failed.set()
+        self.component_failed("broker state could not be written", exc)
+
+    def component_failed(self, what: str, exc: Exception) -> None:
+        """Something the broker needs broke for good: record the first failure and signal `failed`."""
+        if not self.failed.is_set():
+            self.failure, self.failed_what = exc, what
+            self.failed.set()
+
+    def core_changed(self) -> None:
+        """A component entered the core from outside a listener callback (a hook settling an ack,
+        publishing a response): schedule the flush and re-arm the deadline timer, as for any event."""
+        self._after_event()
 
     def auth_completed(self, request: AuthRequest, result: AuthResult) -> None:
         self.broker.auth_completed(request.conn_id, result, self._loop.time())
@@ -234,7 +252,10 @@ class BrokerServer:
     addresses: list[ListenerAddress]
     _listeners: list[BoundListener] = field(repr=False)
     _store: Persistence | None = field(default=None, repr=False)
+    # The file-transfer server (`[file_transfer] enable = true`), its jobs running in `_components`.
+    files: FileTransferServer | None = None
     _sys_handle: asyncio.TimerHandle | None = field(default=None, repr=False)
+    _components: asyncio.Task[None] | None = field(default=None, repr=False)
     _closed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -244,9 +265,32 @@ class BrokerServer:
             out.setdefault(addr.kind, []).append(addr.port)
         return out
 
+    def _start_components(self, components: list[tuple[str, Coroutine[Any, Any, None]]]) -> None:
+        """Run each (name, coroutine) as a named task of one TaskGroup, owned by this server."""
+        if components:
+            self._components = asyncio.get_running_loop().create_task(
+                self._run_components(components), name="broker-components")
+
+    async def _run_components(self, components: list[tuple[str, Coroutine[Any, Any, None]]]) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for name, coro in components:
+                tg.create_task(self._component(name, coro), name=name)
+
+    async def _component(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        # A component runs until the server cancels it. An error (or an unexpected return) is not
+        # swallowed: it is logged with its traceback and stops the broker through `hub.failed`,
+        # whose owner exits non-zero so the service manager restarts us.
+        try:
+            await coro
+        except Exception as exc:
+            log.exception("%s failed", name)
+            self.hub.component_failed(f"{name} failed", exc)
+        else:
+            self.hub.component_failed(f"{name} ended", RuntimeError(f"{name} returned unexpectedly"))
+
     async def close(self) -> None:
-        """Stop accepting, send DISCONNECT 0x8B to MQTT 5 clients, close every connection, commit the
-        journal and stop the worker threads. Idempotent."""
+        """Stop accepting, send DISCONNECT 0x8B to MQTT 5 clients, close every connection, stop the
+        components (file transfer), commit the journal and stop the worker threads. Idempotent."""
         if self._closed.is_set():
             return
         self._closed.set()
@@ -257,6 +301,15 @@ class BrokerServer:
         self.hub.shutdown()
         for listener in self._listeners:
             await listener.wait_closed()
+        if self._components is not None:
+            self._components.cancel()
+            try:
+                await self._components
+            except asyncio.CancelledError:
+                # Ours (we cancelled it) unless the task calling close is itself being cancelled.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
         if self.hub.auth is not None:
             await asyncio.to_thread(self.hub.auth.stop)
         if self.hub.journal is not None:
@@ -272,7 +325,11 @@ def _authorizer_for(config: BrokerConfig) -> Authorizer | None:
     if not config.acl.enabled:
         return None
     rules = tuple(AclRule(r.role, r.action, r.topic, r.permission == "allow") for r in config.acl.rules)
-    return Acl(rules or default_rules())
+    rules = rules or default_rules()
+    if config.file_transfer.enable:
+        # '#' never matches '$' topics, so without these every client would get 0x87 on `$file/...`.
+        rules = (*acl_rules(), *rules)
+    return Acl(rules)
 
 
 async def serve(
@@ -286,7 +343,10 @@ async def serve(
     `cloud_broker.persistence.sqlite.StoreError` if the state file cannot be used.
 
     `authenticator` replaces the credentials-file authenticator with an in-memory one (answers on
-    the loop); `authorizer` replaces the config's ACL.
+    the loop); `authorizer` replaces the config's ACL (give it `files.server.acl_rules()` too when
+    file transfer is enabled); `hooks` see every PUBLISH before the file-transfer server does.
+    With `[file_transfer] enable = true` the server is `BrokerServer.files` and its jobs run as the
+    server's task until `close`.
     """
     loop = asyncio.get_running_loop()
     started = time.monotonic()
@@ -313,6 +373,11 @@ async def serve(
             limiter=FailureLimiter(auth_cfg.free_failures, auth_cfg.backoff_base_s, auth_cfg.backoff_max_s),
             ip_limiter=FailureLimiter(auth_cfg.free_failures_per_ip, auth_cfg.backoff_base_s,
                                       auth_cfg.backoff_max_s))
+    files: FileTransferServer | None = None
+    if config.file_transfer.enable:
+        assert config.data_dir is not None  # checked by the config
+        files = FileTransferServer(config.file_transfer, config.data_dir)
+        hooks = (*hooks, files)
     broker = Broker(config.core_settings(), authenticator=authenticator,
                     authorizer=authorizer if authorizer is not None else _authorizer_for(config),
                     hooks=hooks, journal=store is not None, deferred_auth=device_auth is not None)
@@ -351,7 +416,9 @@ async def serve(
         if store is not None:
             store.close()
         raise
-    server = BrokerServer(broker, hub, addresses, listeners, store)
+    server = BrokerServer(broker, hub, addresses, listeners, store, files)
+    if files is not None:
+        server._start_components([("broker-file-transfer", files.run(HubLink(hub)))])
 
     interval_s = config.sys.interval_s
     if interval_s > 0:

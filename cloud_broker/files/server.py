@@ -74,7 +74,9 @@ class CoreLink(Protocol):
 
 
 class HubLink:
-    """CoreLink over a running `BrokerHub`: each call enters the core with loop time, then flushes."""
+    """CoreLink over a running `BrokerHub`: each call enters the core with loop time, then tells the hub
+    (which schedules one flush for the iteration and re-arms the core's deadline timer: a published
+    response may start a retry timer that a bare flush would leave unarmed)."""
 
     def __init__(self, hub: BrokerHub) -> None:
         self._hub = hub
@@ -82,11 +84,11 @@ class HubLink:
 
     def complete_ack(self, ticket: int, reason_code: int) -> None:
         self._hub.broker.complete_ack(ticket, reason_code, self._loop.time())
-        self._hub.flush()
+        self._hub.core_changed()
 
     def publish(self, message: Message) -> None:
         self._hub.broker.publish(message, self._loop.time())
-        self._hub.flush()
+        self._hub.core_changed()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +144,7 @@ class FileTransferServer:
 
     # -- the hook (called synchronously by the core) ---------------------------------------------
 
-    def on_publish(self, client: ClientInfo, message: Message, ticket: int, packet_id: int = 0) -> int | None:
+    def on_publish(self, client: ClientInfo, message: Message, ticket: int, packet_id: int) -> int | None:
         if not self.config.enable or not is_file_topic(message.topic):
             return None
         if message.qos == 0:

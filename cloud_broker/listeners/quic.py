@@ -1078,8 +1078,12 @@ def listener_config(config: ListenerConfig, **tunables: Any) -> QuicListenerConf
 
 
 async def start(hub: ConnectionHub, config: ListenerConfig) -> QuicListener:
-    """The listener registry's entry point (`cloud_broker.listeners`): serve config into hub."""
-    return await start_quic_listener(hub, listener_config(config))
+    """The listener registry's entry point (`cloud_broker.listeners`): serve config into hub, with the
+    QUIC tunables of its `quic` options."""
+    options = config.quic
+    return await start_quic_listener(hub, listener_config(
+        config, max_streams_bidi=options.max_streams_bidi, idle_timeout_s=options.idle_timeout_s,
+        max_connections=options.max_connections))
 
 
 async def start_quic_listener(hub: ConnectionHub, config: QuicListenerConfig) -> QuicListener:
