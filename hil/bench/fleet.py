@@ -125,10 +125,16 @@ async def run_agent(endpoints: list[Endpoint], *, duration_s: float, scalar_inte
     return {
         "acquired": acquired, "committed": committed, "bad": bad, "lost": acquired + bad_values - committed,
         "cpu_ms_per_1k": 1000.0 * cpu_s / max(1, committed) * 1000.0, "cpu_share": cpu_s / wall_s,
-        "rss_mb": usage1.ru_maxrss / 1024.0, "p50_ms": _percentile(timed.latencies_ms, 0.5),
+        "rss_mb": _peak_rss_bytes() / 2**20, "p50_ms": _percentile(timed.latencies_ms, 0.5),
         "p99_ms": _percentile(timed.latencies_ms, 0.99), "wall_s": wall_s,
         "values_per_s": committed / wall_s, "overflow": pipeline.stats.dropped_overflow,
     }
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss, which keeps the forking parent's peak across exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 # -- orchestration -----------------------------------------------------------------------------------
