@@ -9,7 +9,7 @@ so a lease normally outlives link outages; leases are long because this process 
 consumer and a crash forgets them anyway (everything unsettled is leased again after restart).
 Delivery order: the queue leases oldest-first within priority, so a backlog drains in order.
 
-Lanes (store_forward/CONTRACT.md §3): `lease_next` hands out live records first (enqueued within the
+Lanes (the durability contract in README.md): `lease_next` hands out live records first (enqueued within the
 live window) and the backlog behind them, within the queue's byte-rate budget; a backlog batch is
 published with `historical` set (payload field and user property `hist`), so the cloud fills in history
 without raising live alarms from old data. When nothing may be leased, the loop sleeps until new records
