@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, replace
 
 from uplink.mqtt import topics
@@ -259,6 +259,9 @@ class ClientSession:
         self._unsent: deque[int] = deque()  # ids in PUBLISH_UNSENT, in order
         self._inbound_qos2: set[int] = set()
         self._next_packet_id = 1
+        # Ids other sessions of the same connection hold (QUIC data streams, uplink.mqtt.stream_session):
+        # never allocated here, so our ids stay unique on the connection (checklist A6).
+        self.reserved_packet_ids: Container[int] = frozenset()
         # Per connection.
         self._pending_subscribe: dict[int, int] = {}  # packet id -> number of filters
         self._pending_unsubscribe: dict[int, int] = {}
@@ -307,6 +310,11 @@ class ClientSession:
         if self.state is not SessionState.CONNECTED:
             return 0
         return max(0, self.inflight_window - len(self._outgoing))
+
+    def packet_id_in_use(self, packet_id: int) -> bool:
+        """Whether packet_id belongs to one of our exchanges that is not complete yet."""
+        return (packet_id in self._outgoing or packet_id in self._pending_subscribe
+                or packet_id in self._pending_unsubscribe)
 
     def can_publish(self, qos: int = 1) -> bool:
         if self.state is not SessionState.CONNECTED:
@@ -768,11 +776,7 @@ class ClientSession:
         for _ in range(MAX_PACKET_ID):
             candidate = self._next_packet_id
             self._next_packet_id = candidate % MAX_PACKET_ID + 1
-            if (
-                candidate not in self._outgoing
-                and candidate not in self._pending_subscribe
-                and candidate not in self._pending_unsubscribe
-            ):
+            if not self.packet_id_in_use(candidate) and candidate not in self.reserved_packet_ids:
                 return candidate
         raise InflightWindowFull("all 65535 packet identifiers are in use")
 
