@@ -13,8 +13,8 @@ port, the uplink with its status task and its one inbound reader (behind `LinkHo
 repliers and file uploader keep one stable view across swaps), the file service, the metrics server.
 The pipeline is reconfigured in place.
 
-The store (the durability contract in README.md): opened through `StoreOpener`, which quarantines and salvages a
-damaged file; a salvage is logged as an error and forwarded as a "store_salvaged" event record. A file
+The store (README.md, durability contract): opened through `StoreOpener`, which quarantines and salvages
+a damaged file; a salvage is logged as an error and forwarded as a "store_salvaged" event record. A file
 that is not ours (`StoreForeign`) stops the agent with EX_CONFIG (no restart loop: fix the path); any
 other store error at start, and any `StoreError` escaping a part at runtime (`StoreCorrupt`: damage
 found while running), stops it with EX_IOERR, and the service manager's restart salvages at start.

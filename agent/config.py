@@ -49,7 +49,7 @@ MIB = 1024 * 1024
 
 
 class QueueSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The durable queue (the durability contract in README.md): durability, bounds, eviction and the backlog lane.
+    """The durable queue (README.md, durability contract): durability, bounds, eviction, backlog lane.
 
     Bounds are off by default except the free-disk floor: a box that is offline for weeks evicts the
     least important records (bulk, then telemetry, cards, events) rather than filling its flash, and
