@@ -566,8 +566,11 @@ class QuicLink:
             normal = self.control.last_packet_type == _DISCONNECT_TYPE
             error_code = APP_ERROR_NORMAL if normal else APP_ERROR_CTRL_STREAM_DOWN
         if self.terminated is None:
-            with contextlib.suppress(ValueError, AssertionError):
-                for stream_id in list(self._streams):
+            for stream_id, stream in list(self._streams.items()):
+                if stream._fin_sent:
+                    continue  # a data stream its owner already finished
+                # aioquic: ValueError (reset/unknown stream), RuntimeError (already finished).
+                with contextlib.suppress(ValueError, AssertionError, RuntimeError):
                     self._quic.send_stream_data(stream_id, b"", end_stream=True)
             self._protocol.transmit()
             with contextlib.suppress(TimeoutError):
@@ -634,7 +637,7 @@ class QuicLink:
             raise QuicStreamError("QUIC connection closed", self.peer_app_error)
         try:
             self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
-        except ValueError as exc:  # aioquic: stream finished or reset
+        except (ValueError, RuntimeError) as exc:  # aioquic: stream finished or reset
             raise QuicStreamError(f"stream {stream_id}: {exc}") from exc
         self._last_send_s = self._loop.time()
         self._protocol._transmit_soon()
