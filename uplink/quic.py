@@ -54,12 +54,8 @@ from typing import Any, Literal
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.congestion.base import (
-    K_MINIMUM_WINDOW,
-    QuicCongestionControl,
-    QuicRttMonitor,
-    register_congestion_control,
-)
+from aioquic.quic.congestion.base import register_congestion_control
+from aioquic.quic.congestion.cubic import CubicCongestionControl
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode, QuicProtocolVersion
 from aioquic.quic.packet_builder import QuicSentPacket
@@ -117,6 +113,9 @@ class QuicSettings:
     congestion_control: Literal["loss-tolerant", "reno", "cubic"] = "loss-tolerant"
     max_stream_data_bytes: int = 1 << 20  # initial per-stream receive window (aioquic doubles it)
     max_data_bytes: int = 4 << 20  # initial connection receive window
+    # UDP socket buffers: the kernel default (~208 KiB, ~90 full datagrams) overflows on one burst
+    # of a busy event loop, and those drops read as congestion. The kernel caps it at [rw]mem_max.
+    socket_buffer_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -133,6 +132,8 @@ class QuicSettings:
             raise ValueError(f"max_data_streams: must be 0..1000, got {self.max_data_streams}")
         if self.stream_high_water_bytes < 1024:
             raise ValueError("stream_high_water_bytes: must be >= 1024")
+        if self.socket_buffer_bytes < 0:
+            raise ValueError("socket_buffer_bytes: must be >= 0 (0: the kernel default)")
         if self.congestion_control not in ("loss-tolerant", "reno", "cubic"):
             raise ValueError("congestion_control: must be 'loss-tolerant', 'reno' or 'cubic'")
 
@@ -147,16 +148,24 @@ class QuicSettings:
 # Congestion control for lossy radio links
 
 
-class LossTolerantCongestionControl(QuicCongestionControl):
-    """Reno growth, but a loss only counts as congestion when the RTT shows a queue.
+class LossTolerantCongestionControl(CubicCongestionControl):
+    """CUBIC, but a loss only counts as congestion when the RTT shows a queue.
 
     Why: loss-based controllers (Reno, CUBIC) read every lost packet as congestion and settle at
     MSS/RTT * 1.22/sqrt(p): about 70 KB/s at 5 % loss and 100 ms, whatever the radio could carry.
     On cellular and satellite links most loss is corruption and handovers, not queue overflow, and a
     real bottleneck announces itself by queueing delay first. So (the idea behind TCP Westwood+ and
     BBR): losses while the smoothed RTT is within `QUEUE_FACTOR` of the minimum RTT leave the window
-    alone; losses with a standing queue halve it as Reno does; slow start ends when the RTT starts
-    rising (HyStart) or at such a congestion loss; persistent congestion still collapses the window.
+    alone; losses with a standing queue are a congestion event handled as CUBIC does (window x0.7,
+    then cubic regrowth); slow start ends when the RTT starts rising (HyStart) or at such a loss;
+    persistent congestion still collapses the window.
+
+    Why CUBIC and not Reno growth (measured, `edge-hil bench uplink`): real queue overflows do happen
+    - in slow start a burst overruns a CPU-bound receiver's socket buffer - and Reno then halves and
+    regrows one MSS per RTT: at 100 ms from 240 KB back to 600 KB takes ~30 s, so a 20 MB drain at 0 %
+    loss took 8-9 s at ~2.5 MB/s and the results at 5 % depended on whether such an overflow
+    happened early (the noisy 1.71 ratio). CUBIC's regrowth is independent of the RTT and returns to
+    the previous maximum within seconds.
     """
 
     QUEUE_FACTOR = 1.25
@@ -164,12 +173,8 @@ class LossTolerantCongestionControl(QuicCongestionControl):
 
     def __init__(self, *, max_datagram_size: int) -> None:
         super().__init__(max_datagram_size=max_datagram_size)
-        self._mss = max_datagram_size
-        self._recovery_start_s = 0.0
-        self._stash = 0
         self._rtt_min_s = math.inf
         self._srtt_s = 0.0
-        self._rtt_monitor = QuicRttMonitor()
         self.random_losses = 0
         self.congestion_losses = 0
 
@@ -179,50 +184,23 @@ class LossTolerantCongestionControl(QuicCongestionControl):
         return self._srtt_s - self._rtt_min_s > max(
             (self.QUEUE_FACTOR - 1.0) * self._rtt_min_s, self.QUEUE_FLOOR_S)
 
-    def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
-        self.bytes_in_flight -= packet.sent_bytes
-        if packet.sent_time is not None and packet.sent_time <= self._recovery_start_s:
-            return
-        if self.ssthresh is None or self.congestion_window < self.ssthresh:
-            self.congestion_window += packet.sent_bytes
-        else:
-            self._stash += packet.sent_bytes
-            count = self._stash // self.congestion_window
-            if count:
-                self._stash -= count * self.congestion_window
-                self.congestion_window += count * self._mss
-
-    def on_packet_sent(self, *, packet: QuicSentPacket) -> None:
-        self.bytes_in_flight += packet.sent_bytes
-
-    def on_packets_expired(self, *, packets: Iterable[QuicSentPacket]) -> None:
-        for packet in packets:
-            self.bytes_in_flight -= packet.sent_bytes
-
     def on_packets_lost(self, *, now: float, packets: Iterable[QuicSentPacket]) -> None:
-        last_sent_s = 0.0
+        packets = list(packets)
+        if not packets:
+            return
+        if self._queueing():
+            if (packets[-1].sent_time or 0.0) > self._congestion_recovery_start_time:
+                self.congestion_losses += 1  # a new congestion event (CUBIC ignores the rest)
+            super().on_packets_lost(now=now, packets=packets)
+            return
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
-            last_sent_s = packet.sent_time or 0.0
-        if last_sent_s <= self._recovery_start_s:
-            return  # the same congestion event
-        if not self._queueing():
-            self.random_losses += 1
-            return
-        self.congestion_losses += 1
-        self._recovery_start_s = now
-        self.congestion_window = max(self.congestion_window // 2, K_MINIMUM_WINDOW * self._mss)
-        self.ssthresh = self.congestion_window
-
-    def on_persistent_congestion(self) -> None:
-        self.congestion_window = K_MINIMUM_WINDOW * self._mss
-        self._recovery_start_s = 0.0
+        self.random_losses += 1
 
     def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
         self._rtt_min_s = min(self._rtt_min_s, rtt)
         self._srtt_s = rtt if self._srtt_s == 0.0 else 0.875 * self._srtt_s + 0.125 * rtt
-        if self.ssthresh is None and self._rtt_monitor.is_rtt_increasing(now=now, rtt=rtt):
-            self.ssthresh = self.congestion_window
+        super().on_rtt_measurement(now=now, rtt=rtt)
 
 
 LOSS_TOLERANT = "loss-tolerant"
@@ -591,6 +569,9 @@ class QuicLink:
     def _new_socket(self) -> socket.socket:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
+            if self.settings.socket_buffer_bytes:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.settings.socket_buffer_bytes)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.socket_buffer_bytes)
             sock.bind(("::" if self._family == socket.AF_INET6 else "0.0.0.0", 0))
             sock.setblocking(False)
         except OSError:

@@ -113,16 +113,23 @@ def _sent(sent_time: float, size: int = 1200) -> QuicSentPacket:
     return packet
 
 
-def test_a_loss_without_queueing_delay_leaves_the_window_alone_and_one_with_a_queue_halves_it() -> None:
+def test_a_loss_without_queueing_delay_leaves_the_window_alone_and_one_with_a_queue_cuts_it_as_cubic(
+) -> None:
     cc = LossTolerantCongestionControl(max_datagram_size=1200)
     for i in range(20):
         cc.on_rtt_measurement(now=1.0 + i * 0.01, rtt=0.100)
     window = cc.congestion_window
-    cc.on_packet_sent(packet=(lost := _sent(2.0)))
-    cc.on_packets_lost(now=2.2, packets=[lost])
+    in_flight = [_sent(2.0) for _ in range(10)]
+    for packet in in_flight:
+        cc.on_packet_sent(packet=packet)
+    cc.on_packets_lost(now=2.2, packets=[in_flight[0]])
     assert cc.congestion_window == window and cc.random_losses == 1  # radio loss: keep going
     for i in range(40):
         cc.on_rtt_measurement(now=3.0 + i * 0.01, rtt=0.300)  # a queue builds up
     cc.on_packet_sent(packet=(lost := _sent(4.0)))
     cc.on_packets_lost(now=4.4, packets=[lost])
-    assert cc.congestion_window == window // 2 and cc.congestion_losses == 1
+    # CUBIC's multiplicative decrease: 0.7 of the bytes still in flight (9 packets), not below 2 MSS.
+    assert cc.congestion_window == max(int(9 * 1200 * 0.7), 2 * 1200) and cc.congestion_losses == 1
+    # A second loss from the same flight is the same congestion event.
+    cc.on_packets_lost(now=4.5, packets=[in_flight[1]])
+    assert cc.congestion_losses == 1
