@@ -94,22 +94,41 @@ def _pdu(address: int) -> int:
 
 
 class _Image:
-    """Holding registers read so far in one attempt: address -> word, plus the raw blocks."""
+    """Holding registers read so far in one attempt, as the blocks read (newest last), plus `raw`."""
 
     def __init__(self) -> None:
-        self.words: dict[int, int] = {}
         self.raw: dict[int, tuple[int, ...]] = {}
+        self._blocks: list[tuple[int, int, tuple[int, ...]]] = []  # (start, end, words)
 
     async def read(self, reader: Reader, start: int, count: int) -> tuple[int, ...]:
-        words = tuple(int(w) for w in await reader("holding", start, count))
+        words = tuple(await reader("holding", start, count))
         if len(words) != count:
             raise ValueError(f"asked {count} registers at {start}, got {len(words)}")
         self.raw[start] = words
-        self.words.update(zip(range(start, start + count), words, strict=True))
+        self._blocks.append((start, start + count, words))
         return words
 
     def get(self, start: int, count: int) -> list[int]:
-        return [self.words[a] for a in range(start, start + count)]
+        """Words start..start+count-1, each from the newest block holding it; KeyError if one is missing."""
+        end = start + count
+        blocks = self._blocks
+        for b_start, b_end, words in reversed(blocks):  # the common case: one block holds them all
+            if b_start <= start and end <= b_end:
+                return list(words[start - b_start:end - b_start])
+        out: list[int] = []
+        a = start
+        while a < end:  # spread over blocks (a curve split between two reads): take runs of words
+            for k in range(len(blocks) - 1, -1, -1):
+                b_start, b_end, words = blocks[k]
+                if b_start <= a < b_end:
+                    # stop where a newer block takes over
+                    stop = min([end, b_end] + [s for s, _, _ in blocks[k + 1:] if a < s < b_end])
+                    out += words[a - b_start:stop - b_start]
+                    a = stop
+                    break
+            else:
+                raise KeyError(a)
+        return out
 
 
 @functools.lru_cache(maxsize=512)
@@ -122,17 +141,52 @@ def _planned(spans: tuple[tuple[int, int], ...], max_count: int, max_gap: int,
 
 
 @functools.lru_cache(maxsize=512)
-def _curve_spans(starts: tuple[int, ...], n: int) -> tuple[tuple[int, int], ...]:
-    # one span per register: curves may be split anywhere, unlike points
-    return tuple((start + k, 1) for start in starts for k in range(n))
+def _planned_curves(starts: tuple[int, ...], n: int, max_count: int, max_gap: int,
+                    forbidden: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    # keyed by the few numbers that define the spans: hashing 800 spans on every capture would cost
+    # more than the cache saves. One span per register: curves may be split anywhere, unlike points.
+    spans = tuple((start + k, 1) for start in starts for k in range(n))
+    return _planned(spans, max_count, max_gap, forbidden)
 
 
-async def _read_spans(image: _Image, reader: Reader, spans: tuple[tuple[int, int], ...], device: ModbusDevice,
-                      limits: DeviceLimits) -> None:
-    plan = _planned(spans, limits.cap("holding", device.max_registers_per_read), device.max_gap,
-                    limits.forbidden.get("holding", ()))
+async def _read_plan(image: _Image, reader: Reader, plan: tuple[tuple[int, int], ...]) -> None:
     for start, count in plan:
         await image.read(reader, start, count)
+
+
+class _Layout:
+    """Where a device's card lives, worked out once per (points, card) configuration."""
+
+    __slots__ = ("curve_starts", "curves", "header", "n_pdu", "scalars", "time_pdu")
+
+    def __init__(self, device: ModbusDevice) -> None:
+        spec = device.card
+        assert spec is not None
+        scalar_points = card_scalar_points(device)
+        for p in scalar_points:
+            if p.location()[0] != "holding":
+                raise ValueError(f"card scalar {p.name} is not a holding register")
+        self.time_pdu, self.n_pdu = _pdu(spec.acquisition_time_register), _pdu(spec.n_points_register)
+        self.scalars = tuple((p, p.location()[1], p.register_count()) for p in scalar_points)
+        self.header = ((self.time_pdu, TIME_WORDS), (self.n_pdu, 1),
+                       *((start, count) for _, start, count in self.scalars))
+        self.curves = {name: (_pdu(start), scale) for name, (start, scale) in spec.curves().items()}
+        self.curve_starts = tuple(start for start, _ in self.curves.values())
+
+
+# id(device.points) -> (points, card, layout); the identity check makes a recycled id harmless
+_LAYOUTS: dict[int, tuple[object, object, _Layout]] = {}
+
+
+def _layout(device: ModbusDevice) -> _Layout:
+    hit = _LAYOUTS.get(id(device.points))
+    if hit is not None and hit[0] is device.points and hit[1] is device.card:
+        return hit[2]
+    layout = _Layout(device)
+    if len(_LAYOUTS) >= 256:
+        _LAYOUTS.clear()  # configurations come and go with reloads; a fleet shares a handful
+    _LAYOUTS[id(device.points)] = (device.points, device.card, layout)
+    return layout
 
 
 def card_scalar_points(device: ModbusDevice) -> tuple[ModbusPoint, ...]:
@@ -153,23 +207,19 @@ async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callab
     if spec is None:
         raise ValueError(f"device {device.name} has no card")
     limits = limits or DeviceLimits()
-    scalar_points = card_scalar_points(device)
-    for p in scalar_points:
-        if p.location()[0] != "holding":
-            raise ValueError(f"card scalar {p.name} is not a holding register")
-    time_pdu, n_pdu = _pdu(spec.acquisition_time_register), _pdu(spec.n_points_register)
-    header = ((time_pdu, TIME_WORDS), (n_pdu, 1),
-              *((p.location()[1], p.register_count()) for p in scalar_points))
-    curves = {name: (_pdu(start), scale) for name, (start, scale) in spec.curves().items()}
+    layout = _layout(device)
+    max_count = limits.cap("holding", device.max_registers_per_read)
+    forbidden = limits.forbidden.get("holding", ())
+    header_plan = _planned(layout.header, max_count, device.max_gap, forbidden)
+    time_pdu = layout.time_pdu
     image = _Image()
     for attempt in range(1, spec.consistency_attempts + 1):
         image = _Image()
-        await _read_spans(image, reader, header, device, limits)
+        await _read_plan(image, reader, header_plan)
         time_words = image.get(time_pdu, TIME_WORDS)
-        n = image.words[n_pdu]
-        scalars: dict[str, Value] = {
-            p.name: decode(p, image.get(p.location()[1], p.register_count())) for p in scalar_points
-        }
+        (n,) = image.get(layout.n_pdu, 1)
+        scalars: dict[str, Value] = {p.name: decode(p, image.get(start, count))
+                                     for p, start, count in layout.scalars}
         if n == 0:
             return None
         if n > spec.max_points:
@@ -179,12 +229,13 @@ async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callab
                                                     utc_offset_h=spec.utc_offset_h)
         except ValueError as exc:
             return _bad(device, scalars, image, clock_ns(), f"bad acquisition time: {exc}")
-        curve_spans = _curve_spans(tuple(start for start, _ in curves.values()), n)
-        await _read_spans(image, reader, curve_spans, device, limits)
+        await _read_plan(image, reader, _planned_curves(layout.curve_starts, n, max_count, device.max_gap,
+                                                        forbidden))
         again = await image.read(reader, time_pdu, TIME_WORDS)
         if list(again) != time_words:
             continue  # the RTU published a new card mid-capture: start over
-        arrays = {name: curve_values(image.get(start, n), scale) for name, (start, scale) in curves.items()}
+        arrays = {name: curve_values(image.get(start, n), scale)
+                  for name, (start, scale) in layout.curves.items()}
         return CardReading(
             device=device.name,
             acquired_at_ns=acquired_at_ns,

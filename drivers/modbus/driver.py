@@ -169,8 +169,8 @@ class _Session:
         return None
 
     async def capture(self, st: _DeviceState) -> CardReading | None:
-        async def reader(table: Table, start: int, count: int) -> list[int]:
-            return [int(w) for w in await self.read(st, table, start, count)]
+        async def reader(table: Table, start: int, count: int) -> Sequence[int]:
+            return await self.read(st, table, start, count)  # registers: the card reads holding only
 
         for attempt in (1, 2):
             try:

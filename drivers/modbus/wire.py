@@ -256,3 +256,57 @@ def diagnose_mbap(rx: bytes, unit_id: int, transaction_id: int | None = None) ->
     if transaction_id is not None and tid != transaction_id:
         return f"wrong transaction id {tid}"
     return "garbage"
+
+
+# -- client side: responses ------------------------------------------------------------------------
+class BadResponse(ValueError):
+    """The response PDU does not answer the request; `reason` is the short text for Reading.reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ExceptionAnswer(Exception):
+    """The device answered the request with a Modbus exception `code` (function code | 0x80)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"exception {code}")
+        self.code = code
+
+
+def decode_read_response(function: int, count: int, pdu: bytes) -> list[int] | list[bool]:
+    """The registers (FC 03/04) or bits (FC 01/02) a read response carries.
+
+    ExceptionAnswer for an exception response; BadResponse when the PDU is not an answer to this
+    function or its byte count disagrees with the PDU's length. Fewer or more values than `count`
+    are returned as they are: a device that answers a shorter read than asked teaches the caller its
+    limit. Bits beyond `count` (padding to whole bytes) are dropped.
+    """
+    _check_function(function, pdu)
+    if len(pdu) < 2 or pdu[1] != len(pdu) - 2:
+        raise BadResponse("garbage")
+    if function >= 3:
+        if pdu[1] & 1:
+            raise BadResponse("garbage")  # registers come in whole 2-byte words
+        return list(struct.unpack_from(f">{pdu[1] >> 1}H", pdu, 2))
+    data = pdu[2:]
+    return [bool((data[i >> 3] >> (i & 7)) & 1) for i in range(min(count, 8 * len(data)))]
+
+
+def check_write_response(request_pdu: bytes, pdu: bytes) -> None:
+    """A write response must echo the request's function, address and value/quantity (its first 5 bytes)."""
+    _check_function(request_pdu[0], pdu)
+    if pdu != request_pdu[:5]:
+        raise BadResponse("garbage")
+
+
+def _check_function(function: int, pdu: bytes) -> None:
+    if not pdu:
+        raise BadResponse("short frame")
+    if pdu[0] == function | 0x80:
+        if len(pdu) != 2:
+            raise BadResponse("garbage")
+        raise ExceptionAnswer(pdu[1])
+    if pdu[0] != function:
+        raise BadResponse(f"wrong function {pdu[0]}")

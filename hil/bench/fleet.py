@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import resource
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,7 +56,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stress-duration-s", type=float, default=30.0)
     p.add_argument("--skip-fleet", action="store_true")
     p.add_argument("--skip-stress", action="store_true")
-    p.add_argument("--profile", metavar="FILE", default="", help="cProfile the agent of the stress case")
+    p.add_argument("--profile", metavar="PREFIX", default="",
+                   help="cProfile each case's agent into PREFIX.fleet and PREFIX.stress")
 
 
 # -- agent child -------------------------------------------------------------------------------------
@@ -89,6 +92,7 @@ async def run_agent(endpoints: list[Endpoint], *, duration_s: float, scalar_inte
     pipeline = Pipeline(timed, flush_interval_s=0.05)
     driver = ModbusDriver(devices)
     acquired = bad = bad_values = 0
+    bad_reasons: collections.Counter[str] = collections.Counter()
 
     def emit(item: Reading | CardReading) -> None:
         nonlocal acquired, bad, bad_values
@@ -103,9 +107,11 @@ async def run_agent(endpoints: list[Endpoint], *, duration_s: float, scalar_inte
         else:
             bad += 1
             bad_values += values  # a BAD reading is still committed (value None, with its reason)
+            bad_reasons[item.reason or "?"] += 1
         pipeline.emit(item)
 
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    threads0 = _thread_cpu_s()
     t0 = time.monotonic()
     async with asyncio.TaskGroup() as tg:
         driver_task = tg.create_task(driver.run(emit), name="bench-modbus-driver")
@@ -119,6 +125,7 @@ async def run_agent(endpoints: list[Endpoint], *, duration_s: float, scalar_inte
         pipeline_task.cancel()  # its final flush commits what is pending
     wall_s = time.monotonic() - t0
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    threads1 = _thread_cpu_s()
     await queue.close()
     cpu_s = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
     committed = pipeline.stats.values_committed
@@ -128,7 +135,27 @@ async def run_agent(endpoints: list[Endpoint], *, duration_s: float, scalar_inte
         "rss_mb": _peak_rss_bytes() / 2**20, "p50_ms": _percentile(timed.latencies_ms, 0.5),
         "p99_ms": _percentile(timed.latencies_ms, 0.99), "wall_s": wall_s,
         "values_per_s": committed / wall_s, "overflow": pipeline.stats.dropped_overflow,
+        "requests": driver.requests_sent(), "bad_reasons": dict(bad_reasons),
+        # where the CPU went: the event loop thread vs the store's writer thread (user+system)
+        "cpu_ms_per_1k_by_thread": {
+            name: round(1e6 * (cpu - threads0.get(name, 0.0)) / max(1, committed), 3)
+            for name, cpu in threads1.items()},
     }
+
+
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) per thread name of this process, from /proc (Linux)."""
+    out: dict[str, float] = {}
+    tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = names.get(int(task.name), "other")
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) * tick_s
+    return out
 
 
 def _peak_rss_bytes() -> int:
@@ -173,7 +200,8 @@ async def main(args: argparse.Namespace) -> int:
     out: dict[str, object] = {}
     if not args.skip_fleet:
         r = await _case("fleet", wells=args.wells, duration_s=args.duration_s,
-                        scalar_interval_s=args.scalar_interval_s, card_interval_s=600.0 / args.speedup)
+                        scalar_interval_s=args.scalar_interval_s, card_interval_s=600.0 / args.speedup,
+                        profile=args.profile and f"{args.profile}.fleet")
         print(f"fleet: {r}", flush=True)
         out.update(wells=args.wells, values=int(r["committed"]), cpu_ms_per_1k=r["cpu_ms_per_1k"],
                    rss_mb=r["rss_mb"], p50_ms=r["p50_ms"], p99_ms=r["p99_ms"], lost=int(r["lost"]),
@@ -182,7 +210,7 @@ async def main(args: argparse.Namespace) -> int:
         # the RTUs publish a little faster than once a second, so most one-second captures find a new card
         s = await _case("stress", wells=args.stress_wells, duration_s=args.stress_duration_s,
                         scalar_interval_s=3600.0, card_interval_s=1.0, sim_card_interval_s=0.9,
-                        profile=args.profile)
+                        profile=args.profile and f"{args.profile}.stress")
         print(f"stress: {s}", flush=True)
         scheduled = args.stress_wells * CARD_VALUES * s["wall_s"]
         out.update(stress_wells=args.stress_wells, stress_values_per_s=s["values_per_s"],
@@ -220,7 +248,7 @@ def _child_main(argv: list[str]) -> int:
     if profile:
         import cProfile
 
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)  # CPU time of the loop thread, not wall time
         result = prof.runcall(asyncio.run, run)
         prof.dump_stats(profile)
     else:
