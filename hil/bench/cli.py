@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Awaitable, Callable
 
-from hil.bench import broker, card, fleet, handover, store, uplink
+from hil.bench import broker, card, file, fleet, handover, store, uplink
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Main = Callable[[argparse.Namespace], Awaitable[int]]
@@ -25,6 +25,8 @@ BENCHES: dict[str, tuple[str, AddArgs, Main]] = {
                broker.add_args, broker.main),
     "uplink": ("drain a backlog through the impairment proxy at 100 ms RTT and 0-10 %% loss: QUIC vs TCP/TLS",
                uplink.add_args, uplink.main),
+    "file": ("100 MB over MQTT file transfer on a QUIC data stream vs raw aioquic single-stream throughput",
+             file.add_args, file.main),
     "handover": ("20 address changes in 60 s: MQTT reconnects and the longest delivery gap, QUIC vs TCP/TLS",
                  handover.add_args, handover.main),
 }
