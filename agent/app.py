@@ -40,7 +40,9 @@ from agent.clock import ClockMonitor, ClockStep
 from agent.commands import CommandProcessor
 from agent.config import EX_CONFIG, AgentConfig, QueueSection
 from agent.files.service import FileService
+from agent.files.uploader import FilesLink
 from agent.forwarder import Forwarder
+from agent.link import ActiveTransport, AgentLink, build_link
 from agent.metrics import AckHistogram, DeviceCounters, Snapshot, serve_metrics
 from agent.ops import Operations, RingLog
 from agent.pipeline import Pipeline
@@ -57,8 +59,8 @@ from store_forward.facade import AsyncQueue
 from store_forward.model import NewRecord, Priority, StoreError, StoreForeign
 from store_forward.policy import LanePolicy, QueueBounds
 from store_forward.salvage import SalvageReport, StoreOpener
-from uplink.client import Uplink, UplinkClosed, UplinkConfig
-from uplink.mqtt.packets import NO_PROPERTIES, Properties, Publish, Will
+from uplink.client import Uplink, UplinkClosed
+from uplink.mqtt.packets import NO_PROPERTIES, Properties, Publish
 from uplink.schema.commands import AgentStatus, encode_json
 from uplink.schema.records import EventRecord, encode_record
 from uplink.schema.topics import AgentTopics
@@ -141,24 +143,6 @@ def salvage_event(report: SalvageReport) -> NewRecord:
     return NewRecord("event", encode_record(event), report.detected_ns, Priority.EVENT)
 
 
-def uplink_config(cfg: AgentConfig, will: Will | None = None) -> UplinkConfig:
-    u = cfg.uplink
-    return UplinkConfig(
-        host=u.host,
-        port=u.port,
-        client_id=cfg.client_id,
-        protocol_level=u.protocol_level,
-        keep_alive_s=u.keep_alive_s,
-        username=u.username,
-        password=u.password.encode() if u.password is not None else None,
-        tls=u.tls,
-        ca_file=u.ca_file,
-        will=will,
-        reconnect_initial_s=u.reconnect_initial_s,
-        reconnect_max_s=u.reconnect_max_s,
-    )
-
-
 class LinkHolder:
     """The current Uplink behind one stable publisher; a publish cut by a link swap is retried on the new one.
 
@@ -168,14 +152,19 @@ class LinkHolder:
 
     def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.current: Uplink | None = None
+        self.agent_link: AgentLink | None = None  # what `current` belongs to (transport, failover)
+        self.quic_migrations = 0  # of links already replaced; the current one's are added on read
         self.ack = AckHistogram()
         self._monotonic = monotonic
         self._changed = asyncio.Event()
         self._closing = False
         self.swaps = 0
 
-    def set(self, uplink: Uplink | None) -> None:
+    def set(self, uplink: Uplink | None, agent_link: AgentLink | None = None) -> None:
+        if self.agent_link is not None:
+            self.quic_migrations += self.agent_link.quic_migrations
         self.current = uplink
+        self.agent_link = agent_link if agent_link is not None and agent_link.uplink is uplink else None
         self.swaps += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -187,6 +176,25 @@ class LinkHolder:
     @property
     def connected(self) -> bool:
         return self.current is not None and self.current.connected
+
+    @property
+    def transport(self) -> ActiveTransport | None:
+        """The transport carrying the session now ("quic" or "tcp"); None while down."""
+        if self.agent_link is not None:
+            return self.agent_link.transport
+        return "tcp" if self.connected else None
+
+    @property
+    def migrations(self) -> int:
+        """QUIC connection migrations over the agent's lifetime (all links)."""
+        current = self.agent_link.quic_migrations if self.agent_link is not None else 0
+        return self.quic_migrations + current
+
+    def files_link(self, uplink: Uplink) -> FilesLink:
+        """For the file service: a QUIC data stream beside `uplink` when it runs over QUIC, else itself."""
+        if self.agent_link is not None and self.agent_link.uplink is uplink:
+            return self.agent_link.files_link()
+        return uplink
 
     async def _next(self, seen: Uplink | None) -> None:
         while self.current is seen:
@@ -595,10 +603,11 @@ class Agent:
         use_props = cfg.uplink.protocol_level == 5
         topics = AgentTopics(cfg.agent.id, cfg.uplink.topic_prefix)
         will = will_for(cfg.agent.id, topics.status, use_properties=use_props, wall_ns=time.time_ns)
-        uplink = Uplink(uplink_config(cfg, will))
+        link = build_link(cfg, will)
+        uplink = link.uplink
         self.topics = topics
-        self.link.set(uplink)
-        self._link_task = self.spawn(self._run_link(uplink, cfg), "link")
+        self.link.set(uplink, link)
+        self._link_task = self.spawn(self._run_link(link, cfg), "link")
         return uplink
 
     async def stop_link(self) -> None:
@@ -612,9 +621,10 @@ class Agent:
             await asyncio.wait([task])
         self._link_task = None
 
-    async def _run_link(self, uplink: Uplink, cfg: AgentConfig) -> None:
+    async def _run_link(self, link: AgentLink, cfg: AgentConfig) -> None:
+        uplink = link.uplink
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(uplink.run(), name="uplink")
+            tg.create_task(link.run(), name="uplink")
             tg.create_task(self._status_loop(uplink), name="status")
             tg.create_task(self._inbound(uplink, commands=cfg.commands.enabled), name="inbound")
 
@@ -679,7 +689,7 @@ class Agent:
             config_version=self.cfg.version,
             started_at_ns=self.started_ns,
             uptime_s=round(time.monotonic() - self.started_monotonic, 3),
-            transport=self.cfg.uplink.transport,
+            transport=self.link.transport or self.cfg.uplink.transport,
             link="up" if self.link.connected else "down",
             queue_depth=qs.depth if qs else None,
             queue_bytes=qs.bytes if qs else None,
@@ -766,7 +776,11 @@ class Agent:
             gaps_announced=f.gaps_announced,
             historical_batches=f.historical_batches,
             link_up=self.link.connected,
-            transport=self.cfg.uplink.transport,
+            transport=self.link.transport or "none",
+            configured_transport=self.cfg.uplink.transport,
+            quic_migrations=self.link.migrations,
+            quic_fallbacks=self._quic_fallbacks(),
+            file_stream=self._file_stream_mode(),
             reconnects=(uplink.reconnects if uplink is not None else 0) + max(0, self.link.swaps - 1),
             publish_ack=self.link.ack,
             bytes_published=f.bytes_published,
@@ -782,6 +796,19 @@ class Agent:
             file_transfers=files,
         )
 
+    def _quic_fallbacks(self) -> int:
+        agent_link = self.link.agent_link
+        failover = agent_link.failover if agent_link is not None else None
+        return failover.quic_failures if failover is not None else 0
+
+    def _file_stream_mode(self) -> str:
+        """Where file segments go now: "stream" (a QUIC data stream), "control" or "none"."""
+        service = self.file_service
+        stream = service.stream if service is not None else None
+        if stream is None:
+            return "control" if service is not None and service.uploader is not None else "none"
+        return stream.mode or "none"
+
     async def _log_stats(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
@@ -790,8 +817,8 @@ class Agent:
             p, f = self.pipeline.stats, self.forwarder.stats
             log.info(
                 "stats: values=%d cards=%d records=%d queue_depth=%d queue_bytes=%d settled=%d "
-                "published_bytes=%d connected=%s evicted=%d gaps_pending=%d write_amplification=%s "
-                "written_bytes_per_hour=%s",
+                "published_bytes=%d connected=%s transport=%s evicted=%d gaps_pending=%d "
+                "write_amplification=%s written_bytes_per_hour=%s",
                 p.values_committed,
                 p.cards_committed,
                 p.records_committed,
@@ -800,6 +827,7 @@ class Agent:
                 f.records_settled,
                 f.bytes_published,
                 self.link.connected,
+                self.link.transport or "none",
                 qs.evicted_total,
                 qs.gaps_pending,
                 "n/a" if qs.write_amplification is None else f"{qs.write_amplification:.2f}",
@@ -807,5 +835,5 @@ class Agent:
             )
             self.notifier.status(
                 f"running: config {self.cfg.version or '(unversioned)'}, queue {qs.depth}, "
-                f"link {'up' if self.link.connected else 'down'}"
+                f"link {'up over ' + str(self.link.transport) if self.link.connected else 'down'}"
             )

@@ -69,7 +69,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{len(cfg.files.folders)} watched folder(s), queue bounds {', '.join(bounds) or 'none'}, "
         f"uplink {cfg.uplink.host}:{cfg.uplink.port}"
     )
+    print(f"edge-agent: transport {describe_transport(cfg)}")
+    if cfg.uplink.transport == "auto" and not cfg.uplink.tls:
+        print("edge-agent: note: the TCP fallback is not encrypted (uplink.tls = false)", file=sys.stderr)
     return 0
+
+
+def describe_transport(cfg: AgentConfig) -> str:
+    """`quic 10.0.0.1:14567, fallback tls 10.0.0.1:8883` and the like (what `check` prints)."""
+    u = cfg.uplink
+    tcp = f"{'tls' if u.tls else 'tcp'} {u.host}:{u.port}"
+    quic = f"quic {u.host}:{u.quic.port}"
+    if u.transport == "tcp":
+        return tcp
+    if u.transport == "quic":
+        return f"{quic} (no fallback)"
+    f = u.failover
+    return f"{quic}, fallback {tcp} (QUIC re-probed after {f.probe_initial_s:g}..{f.probe_max_s:g} s)"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -165,8 +181,9 @@ def cmd_send_file(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level or "warning")
     import dataclasses
 
-    from agent.app import uplink_config
     from agent.files import ProgressBar, send_file
+    from agent.link import failover_config, uplink_config
+    from uplink.failover import FailoverTransportFactory
 
     path = Path(args.path)
     if not path.is_file():
@@ -174,13 +191,20 @@ def cmd_send_file(args: argparse.Namespace) -> int:
         return 1
     # Not the agent's client id: the broker allows one connection per id and would drop the agent.
     link = dataclasses.replace(uplink_config(cfg), client_id=f"{cfg.client_id}-send-file")
+    factory = None
+    if cfg.uplink.transport != "tcp":
+        # The same transport as the agent; no 0-RTT ticket of its own (the agent's file is the agent's).
+        failover = failover_config(cfg)
+        failover = dataclasses.replace(failover, quic=dataclasses.replace(failover.quic, ticket_file=None))
+        factory = FailoverTransportFactory(failover)
     data_dir = Path(cfg.agent.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     bar = None if args.quiet else ProgressBar(path.name)
 
     async def main() -> int:
         async with asyncio.timeout(args.timeout_s):
-            outcome = await send_file(link, cfg.files, data_dir / "files.db", path, progress=bar)
+            outcome = await send_file(link, cfg.files, data_dir / "files.db", path, progress=bar,
+                                      transport_factory=factory)
         if outcome.ok:
             print(f"edge-agent: {path} uploaded as {outcome.file_id}")
             return 0

@@ -97,10 +97,73 @@ class QueueSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError("reserve_bytes must be >= 0")
 
 
+Transport = Literal["quic", "tcp", "auto"]
+
+
+class QuicSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[uplink.quic]`: MQTT over QUIC (EMQX-compatible) to `uplink.host`; see uplink.quic.QuicSettings.
+
+    The server certificate is verified against `uplink.ca_file` (None: the system trust store).
+    """
+
+    port: int = 14567
+    server_name: str | None = None  # SNI and certificate name; None: uplink.host
+    ticket_file: str | None = None  # TLS session ticket for 0-RTT; None: <agent.data_dir>/quic-ticket.json
+    early_data: bool = True  # CONNECT in 0-RTT when a ticket allows it
+    ping_interval_s: float = 15.0  # QUIC PING when idle, below NAT UDP timeouts (often 30 s)
+    idle_timeout_s: float | None = None  # QUIC max_idle_timeout; None: 3x uplink.keep_alive_s
+    handshake_timeout_s: float = 10.0  # a handshake that takes longer counts as "QUIC blocked"
+    max_data_streams: int = 9  # EMQX allows 10 concurrent bidi streams: 1 control + 9 data
+    congestion_control: Literal["loss-tolerant", "reno", "cubic"] = "loss-tolerant"
+    socket_buffer_bytes: int = 4 * MIB  # UDP SO_RCVBUF/SO_SNDBUF (the kernel caps it at [rw]mem_max)
+    cert_file: str | None = None  # client certificate, for brokers that demand mTLS
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError("port must be within 1..65535")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate needs both)")
+        if not 0 < self.ping_interval_s <= 3600:
+            raise ValueError("ping_interval_s must be within 0..3600 s (exclusive of 0)")
+        if self.idle_timeout_s is not None and not 0 < self.idle_timeout_s <= 86400:
+            raise ValueError("idle_timeout_s must be within 0..86400 s (exclusive of 0)")
+        if not 0 < self.handshake_timeout_s <= 120:
+            raise ValueError("handshake_timeout_s must be within 0..120 s (exclusive of 0)")
+        if not 0 <= self.max_data_streams <= 1000:
+            raise ValueError("max_data_streams must be within 0..1000")
+        if not 0 <= self.socket_buffer_bytes <= 256 * MIB:
+            raise ValueError("socket_buffer_bytes must be within 0..256 MiB (0: the kernel default)")
+        if self.server_name == "":
+            raise ValueError("server_name must not be empty (omit it to use uplink.host)")
+
+
+class FailoverSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[uplink.failover]`: how `transport = "auto"` leaves QUIC for TCP/TLS and comes back."""
+
+    probe_initial_s: float = 30.0  # QUIC is re-probed this long after it failed, doubling up to probe_max_s
+    probe_max_s: float = 600.0
+    fleet_spread_window_s: float = 0.0  # after a lost link, reconnect at a per-agent offset within this
+
+    def __post_init__(self) -> None:
+        if not 0 < self.probe_initial_s <= self.probe_max_s:
+            raise ValueError("probe_initial_s must be > 0 and <= probe_max_s")
+        if self.probe_max_s > 86400:
+            raise ValueError("probe_max_s must be <= 86400 s")
+        if not 0 <= self.fleet_spread_window_s <= 3600:
+            raise ValueError("fleet_spread_window_s must be within 0..3600 s")
+
+
 class UplinkSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[uplink]`: the broker. `transport`: "tcp" (MQTT over TCP, or TLS with `tls`), "quic" (MQTT over
+    QUIC only, `[uplink.quic]`), "auto" (QUIC first, TCP/TLS on `port` when QUIC cannot be had, QUIC
+    re-probed per `[uplink.failover]`)."""
+
     host: str
-    port: int = 1883
-    transport: Literal["tcp"] = "tcp"
+    port: int = 1883  # MQTT over TCP/TLS (transport "tcp", and the fallback of "auto")
+    transport: Transport = "tcp"
+    quic: QuicSection = QuicSection()
+    failover: FailoverSection = FailoverSection()
     protocol_level: Literal[4, 5] = 5
     keep_alive_s: int = 30
     tls: bool = False

@@ -89,6 +89,10 @@ class Snapshot:
     queue_written_bytes_per_hour: float | None = None
     gaps_announced: int = 0
     historical_batches: int = 0
+    configured_transport: str = "tcp"  # [uplink] transport: "tcp", "quic" or "auto"
+    quic_migrations: int = 0
+    quic_fallbacks: int = 0  # QUIC attempts that failed (handshake, blocked UDP) and fell to TCP or waited
+    file_stream: str = "none"  # where file segments go: "stream" (QUIC data stream), "control", "none"
 
 
 def families(s: Snapshot) -> Iterator[Metric]:
@@ -183,7 +187,30 @@ def families(s: Snapshot) -> Iterator[Metric]:
     link = GaugeMetricFamily(p + "link_up", "1 while the uplink is connected", labels=["transport"])
     link.add_metric([s.transport], 1 if s.link_up else 0)
     yield link
+    transport = GaugeMetricFamily(
+        p + "link_transport",
+        "1 for the transport carrying the MQTT session now (none: no connection); "
+        "configured: [uplink] transport",
+        labels=["transport", "configured"],
+    )
+    transport.add_metric([s.transport, s.configured_transport], 1)
+    yield transport
     yield CounterMetricFamily(p + "link_reconnects", "Reconnects of the uplink", value=s.reconnects)
+    yield CounterMetricFamily(
+        p + "quic_migrations", "QUIC connection migrations (the MQTT session kept)", value=s.quic_migrations
+    )
+    yield CounterMetricFamily(
+        p + "quic_fallbacks",
+        "QUIC connection attempts that failed (UDP blocked, handshake timeout) on the current link",
+        value=s.quic_fallbacks,
+    )
+    stream = GaugeMetricFamily(
+        p + "file_stream",
+        "Where file segments are published now (stream: a QUIC data stream)",
+        labels=["mode"],
+    )
+    stream.add_metric([s.file_stream], 1)
+    yield stream
     ack = HistogramMetricFamily(
         p + "publish_ack_seconds", "QoS 1 publish to PUBACK, as the agent waited for it (an RTT upper bound)"
     )

@@ -207,7 +207,7 @@ class Operations:
                 {"version": new.version, "changed": changes, "dry_run": True},
             )
         await asyncio.to_thread(self.store.begin, text)
-        gate = _Gate(a, changed_devices, uplink_changed="uplink" in changes)
+        gate = _Gate(a, changed_devices, uplink_changed="uplink" in changes, transport=new.uplink.transport)
         await self._switch(old, new, changes, gate)
         await progress(f"applied; health gate up to {gate_s:g} s")
         ok, why = await gate.wait(gate_s)
@@ -218,10 +218,15 @@ class Operations:
                 a.processor.reconfigure(new.commands)
             await a.refresh_status()
             log.info("config: version %s committed (changed: %s)", new.version, ", ".join(changes))
+            details: dict[str, Any] = {"version": new.version, "changed": changes}
+            note = ""
+            if gate.uplink_changed:
+                details["transport"] = gate.transport_seen
+                note = f"; uplink connected over {gate.transport_seen}"
             return Outcome(
                 ResultCode.OK,
-                f"applied version {new.version} (changed: {', '.join(changes)})",
-                {"version": new.version, "changed": changes},
+                f"applied version {new.version} (changed: {', '.join(changes)}){note}",
+                details,
             )
         log.warning(
             "config: version %s failed its health gate (%s); rolling back to %s",
@@ -363,6 +368,11 @@ class Operations:
     async def agent_status(self, cmd: Command, progress: Progress) -> Outcome:
         a = self.agent
         status = msgspec.to_builtins(await a.status())
+        status["uplink"] = {
+            "configured_transport": a.cfg.uplink.transport,
+            "transport": a.link.transport,
+            "quic_migrations": a.link.migrations,
+        }
         status["devices"] = {
             name: {"quality": str(q), "reason": r}
             for driver, _ in a.bus_drivers.values()
@@ -385,10 +395,14 @@ class Operations:
 class _Gate:
     """Watches the parts a config change restarted: GOOD readings from changed devices, the new link."""
 
-    def __init__(self, agent: Agent, devices: set[str], *, uplink_changed: bool) -> None:
+    def __init__(
+        self, agent: Agent, devices: set[str], *, uplink_changed: bool, transport: str = "tcp"
+    ) -> None:
         self.agent = agent
         self.devices = devices
         self.uplink_changed = uplink_changed
+        self.transport = transport  # the new [uplink] transport: "tcp", "quic" or "auto"
+        self.transport_seen: str | None = None
         self.good: set[str] = set()
         self.last_bad: dict[str, str] = {}
         self._event = asyncio.Event()
@@ -413,8 +427,15 @@ class _Gate:
                 f"device {d} produced no GOOD reading (last: {self.last_bad.get(d, 'nothing')})"
                 for d in missing
             )
-        if self.uplink_changed and not self.agent.link.connected:
-            return "the uplink did not connect to the broker with the new settings"
+        if self.uplink_changed:
+            # The new link must carry the MQTT session over a transport the new config allows: "quic"
+            # only over QUIC; "auto" over QUIC or (when QUIC cannot be had) its TCP/TLS fallback.
+            active = self.agent.link.transport
+            allowed = {"tcp": ("tcp",), "quic": ("quic",), "auto": ("quic", "tcp")}[self.transport]
+            if active not in allowed:
+                how = {"tcp": "over TCP/TLS", "quic": "over QUIC", "auto": "over QUIC or TCP/TLS"}
+                return f"the uplink did not connect to the broker {how[self.transport]} with the new settings"
+            self.transport_seen = active
         return None
 
     async def wait(self, gate_s: float) -> tuple[bool, str]:

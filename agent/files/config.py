@@ -42,7 +42,10 @@ class FilesSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """The agent's `[files]` section: transfer tuning and the watched folders."""
 
     mode: Literal["async", "sync"] = "async"  # async: fin verdict by response message (needed at 3.1.1)
-    segment_size_bytes: int = 256 * KIB
+    # ~1000 KiB: one segment per PUBLISH under the broker's 1 MiB maximum packet size with room for
+    # the topic and properties (measured over a QUIC data stream: 0.87x raw aioquic throughput at
+    # 1000 KiB, 0.59x at 256 KiB). Clamped below any smaller limit the broker announces.
+    segment_size_bytes: int = 1000 * KIB
     max_inflight_segments: int = 16
     max_attempts: int = 6
     retry_initial_s: float = 0.5

@@ -12,7 +12,7 @@ from typing import IO
 
 from agent.files.config import FilesSection
 from agent.files.uploader import FileUploader, ProgressFn, UploadOutcome
-from uplink.client import Uplink, UplinkConfig
+from uplink.client import TransportFactory, Uplink, UplinkConfig
 
 
 class ProgressBar:
@@ -53,9 +53,14 @@ class ProgressBar:
 
 
 async def send_file(uplink_config: UplinkConfig, settings: FilesSection, outbox_path: Path, path: Path, *,
-                    progress: ProgressFn | None = None) -> UploadOutcome:
-    """`edge-agent send-file`: connect, upload one file (resuming an interrupted run), disconnect."""
-    uplink = Uplink(uplink_config)
+                    progress: ProgressFn | None = None,
+                    transport_factory: TransportFactory | None = None) -> UploadOutcome:
+    """`edge-agent send-file`: connect, upload one file (resuming an interrupted run), disconnect.
+
+    transport_factory: how to reach the broker (None: TCP/TLS per uplink_config; the agent's QUIC
+    failover for transport "quic"/"auto"). The file goes on the control stream: it has the
+    connection to itself."""
+    uplink = Uplink(uplink_config, transport_factory=transport_factory)
     uploader = FileUploader(uplink, outbox_path, settings, owner="cli", consume_inbound=True)
     async with asyncio.TaskGroup() as tg:
         link = tg.create_task(uplink.run(), name="uplink")

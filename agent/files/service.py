@@ -7,9 +7,15 @@ So `FileService.run` follows the agent's `LinkHolder`: for each current link it 
 then closes the uploader and starts over on the next link. Nothing is lost in a swap: the outbox is
 durable and an interrupted upload resumes under the same fileId with the segments still missing.
 
-Inbound messages are not read here: the agent has one reader of `uplink.inbound()` (commands and file
-responses share it) which hands every message to `handle_message`; it returns False for anything that
-is not a file-transfer response.
+Over QUIC (`uplink.transport` "quic"/"auto") the uploader does not publish on the Uplink itself but on
+`links.files_link(uplink)`: a `DataStreamUplink`, one per Uplink, run here beside the uploader, so
+segments travel on their own QUIC data stream and never hold back telemetry. Responses delivered on that
+stream are read by the uploader itself (`consume_inbound`); while the failover runs on TCP they arrive
+through the Uplink's inbound instead.
+
+Inbound messages of the Uplink are not read here: the agent has one reader of `uplink.inbound()`
+(commands and file responses share it) which hands every message to `handle_message`; it returns False
+for anything that is not a file-transfer response.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.commands import Handler, Outcome, Progress
 from agent.files.config import FilesSection, WatchFolder
-from agent.files.uploader import FileUploader, UploadOutcome
+from agent.files.uploader import FilesLink, FileUploader, UploadOutcome
 from agent.files.watcher import FolderWatcher
 from uplink.client import Uplink, UplinkClosed
 from uplink.mqtt.packets import Publish
 from uplink.schema.commands import Command, CommandError, ResultCode
+from uplink.streams import DataStreamUplink
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -43,6 +50,10 @@ class Links(Protocol):
 
     async def wait_swap(self, seen: Uplink | None) -> None: ...
 
+    def files_link(self, uplink: Uplink) -> FilesLink:
+        """The link file transfer uses on `uplink`: itself, or a new DataStreamUplink (QUIC)."""
+        ...
+
 
 class FileService:
     """The agent's file transfer (see the module docstring). `stats` feeds the metrics."""
@@ -52,6 +63,7 @@ class FileService:
         self.outbox_path = outbox_path
         self.settings = settings
         self.uploader: FileUploader | None = None
+        self.stream: DataStreamUplink | None = None  # the QUIC data stream of the current link, if any
         self._ready = asyncio.Event()  # set while an uploader runs
         self._waiters: dict[int, asyncio.Future[UploadOutcome]] = {}
         self.stats: dict[str, int] = {"queued": 0, "uploaded": 0, "failed": 0}
@@ -64,22 +76,30 @@ class FileService:
                 await self.links.wait_swap(seen)
                 continue
             seen = uplink
-            uploader = FileUploader(uplink, self.outbox_path, self.settings, on_outcome=self._finished)
+            link = self.links.files_link(uplink)
+            stream = link if isinstance(link, DataStreamUplink) else None
+            self.stream = stream
+            uploader = FileUploader(link, self.outbox_path, self.settings, on_outcome=self._finished,
+                                    consume_inbound=stream is not None)
             try:
                 await uploader.open()
                 self.uploader = uploader
                 self._ready.set()
-                await self._serve(uploader, uplink)
+                await self._serve(uploader, uplink, stream)
             except* UplinkClosed:
                 pass  # the link is being replaced or the agent stops: the next link takes over
             finally:
                 self._ready.clear()
                 self.uploader = None
+                if stream is not None:
+                    await stream.close()
                 await uploader.close()
 
-    async def _serve(self, uploader: FileUploader, uplink: Uplink) -> None:
+    async def _serve(self, uploader: FileUploader, uplink: Uplink, stream: DataStreamUplink | None) -> None:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(uploader.run(), name="files-uploader")]
+            if stream is not None:
+                tasks.append(tg.create_task(stream.run(), name="files-stream"))
             if self.settings.folders:
                 watcher = FolderWatcher(self.settings.folders, self._enqueue_watched)
                 tasks.append(tg.create_task(watcher.run(), name="files-watcher"))

@@ -5,8 +5,10 @@ hashed on a thread, published QoS 1 and pipelined up to `max_inflight_segments` 
 also respects the broker's Receive Maximum). Only once the cloud confirmed the file (fin success) is
 the row marked `confirmed`; then the file is deleted or archived and the row marked `done`. A crash
 between the two repeats the (idempotent) disposal, never the upload. Responses on
-`$file-response/{clientId}` reach it through `handle_message` (the agent's one inbound dispatcher) or,
-for a standalone `send-file`, its own inbound reader (`consume_inbound=True`).
+`$file-response/{clientId}` reach it through `handle_message` (the agent's one inbound dispatcher) or
+its own inbound reader (`consume_inbound=True`: a standalone `send-file`, or a QUIC data stream, where
+responses arrive on the stream that subscribed; after a fallback to TCP they come through the Uplink's
+inbound again and the agent's dispatcher hands them over - both paths stay open).
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from agent.files.config import FilesSection
 from agent.files.outbox import FileOutbox, OutboxRow, dispose, read_segment, sha256_file
-from uplink.client import Uplink
+from uplink.client import UplinkConfig
 from uplink.mqtt.errors import LocalProtocolError
-from uplink.mqtt.packets import MQTT_5, Publish
+from uplink.mqtt.packets import MQTT_5, NO_PROPERTIES, Properties, Publish, Subscription
+from uplink.mqtt.session import ClientSession
 from uplink.schema.filetransfer import (
     FileMeta,
     FileTransferError,
@@ -64,10 +67,32 @@ class UploadOutcome:
 ProgressFn = Callable[[int, int], None]  # (bytes confirmed, total bytes)
 
 
+class FilesLink(Protocol):
+    """The link the uploader publishes on: an `Uplink`, or a `DataStreamUplink` (a QUIC data stream of
+    the Uplink's connection, which has the same surface). `session` is the control session: the
+    broker's CONNACK limits (maximum packet size) apply to every stream."""
+
+    @property
+    def config(self) -> UplinkConfig: ...
+
+    @property
+    def session(self) -> ClientSession: ...
+
+    async def wait_connected(self) -> None: ...
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                      properties: Properties = NO_PROPERTIES) -> int: ...
+
+    async def subscribe(self, filters: Sequence[Subscription | tuple[str, int]],
+                        properties: Properties = NO_PROPERTIES) -> tuple[int, ...]: ...
+
+    def inbound(self) -> AsyncIterator[Publish]: ...
+
+
 class FileUploader:
     """Uploads the outbox's files (or single files for `send-file`) over an Uplink, resumably."""
 
-    def __init__(self, uplink: Uplink, outbox_path: Path, settings: FilesSection, *,
+    def __init__(self, uplink: FilesLink, outbox_path: Path, settings: FilesSection, *,
                  owner: str = "agent", clock: Callable[[], float] = time.monotonic,
                  consume_inbound: bool = False,
                  on_outcome: Callable[[UploadOutcome], None] | None = None) -> None:
