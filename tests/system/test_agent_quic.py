@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 import tomli_w
@@ -153,10 +154,10 @@ async def rig(tmp: Path) -> AsyncIterator[Rig]:
             sections_toml="[file_transfer]\nenable = true\nfsync = false\n"))
         proxy = await stack.enter_async_context(ImpairmentProxy(("127.0.0.1", ports.quic), kind="udp"))
         ws_port = free_port()
-        ws_log = logs.enter_context(open(tmp / "wellsite.log", "wb"))  # noqa: SIM115
+        ws_log = logs.enter_context(_log_file(tmp / "wellsite.log"))
         wellsite = await asyncio.create_subprocess_exec(
-            str(BIN / "edge-hil"), "wellsite", "--wells", "1", "--port", str(ws_port), "--card-interval-s", "2",
-            stdout=ws_log, stderr=asyncio.subprocess.STDOUT)
+            str(BIN / "edge-hil"), "wellsite", "--wells", "1", "--port", str(ws_port),
+            "--card-interval-s", "2", stdout=ws_log, stderr=asyncio.subprocess.STDOUT)
         stack.push_async_callback(_end, wellsite)
         await asyncio.to_thread(wait_tcp_listening, ws_port, wellsite.pid, 20.0)
 
@@ -178,7 +179,7 @@ async def rig(tmp: Path) -> AsyncIterator[Rig]:
         doc = agent_doc(tmp, ports, proxy.port, pki.ca_file, ws_port, metrics_port, watched)
         config = tmp / "agent.toml"
         config.write_text(tomli_w.dumps(doc))
-        agent_log = logs.enter_context(open(tmp / "agent.log", "wb"))  # noqa: SIM115
+        agent_log = logs.enter_context(_log_file(tmp / "agent.log"))
         agent = await asyncio.create_subprocess_exec(
             str(BIN / "edge-agent"), "run", "--config", str(config), "--log-level", "info",
             stdout=agent_log, stderr=asyncio.subprocess.STDOUT)
@@ -189,6 +190,10 @@ async def rig(tmp: Path) -> AsyncIterator[Rig]:
             consumer.cancel()
             await sub.close()
             sub_task.cancel()
+
+
+def _log_file(path: Path) -> IO[bytes]:
+    return open(path, "wb")  # closed by the rig's exit stack
 
 
 async def _end(proc: asyncio.subprocess.Process) -> None:
@@ -222,7 +227,8 @@ async def test_an_agent_on_quic_uploads_a_watched_file_on_a_data_stream_and_a_ha
     async with rig(tmp_path) as r:
         await r.on("quic")
         await r.records_grow()
-        await r.until(lambda: r.metric("fieldgate_agent_file_stream", mode="stream"), "files on a data stream")
+        await r.until(lambda: r.metric("fieldgate_agent_file_stream", mode="stream"),
+                      "files on a data stream")
         reconnects = await r.metric("fieldgate_agent_link_reconnects_total")
 
         payload = bytes(range(256)) * (10 * 1024)  # 2.5 MiB: three segments of 1000 KiB
