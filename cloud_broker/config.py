@@ -35,8 +35,13 @@ class QuicOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_streams_bidi: int = 10  # concurrent client bidi streams: the control stream + data streams
     idle_timeout_s: float = 0.0  # 0: ours is off and the client's max_idle_timeout governs
     max_connections: int = 100_000  # above this, new connections are refused (application error 2)
+    # UDP SO_RCVBUF/SO_SNDBUF. The kernel default (~208 KiB) overflows on one burst at high rates and
+    # the drops (RcvbufErrors) read as loss to every sender. The kernel caps it at net.core.[rw]mem_max.
+    socket_buffer_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if not 0 <= self.socket_buffer_bytes <= 256 * 1024 * 1024:
+            raise ValueError("socket_buffer_bytes must be within 0..256 MiB (0: the kernel default)")
         if not 1 <= self.max_streams_bidi <= 1000:
             raise ValueError("max_streams_bidi must be within 1..1000")
         if self.idle_timeout_s < 0:

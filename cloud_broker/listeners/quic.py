@@ -39,6 +39,15 @@ and topic aliases are per stream. The shim keeps that contract on top of one cor
   connection lives on (B6). Deliveries in flight on it stay in the session and are resent after
   the next reconnect (never lost, unlike EMQX). Divergences from EMQX: one subscription per filter
   per session (not one per stream), and QoS state of data streams lives in the one core session.
+- Receive Maximum is per connection, not per stream (EMQX: each stream has its own inflight window).
+  The core counts the unacknowledged QoS 1/2 PUBLISHes of its one session against its Receive
+  Maximum, whichever stream carried them, and answers DISCONNECT 0x93 beyond it. Per-stream windows
+  would need the shim to hold back PUBLISHes (data *and* control stream, since data-stream messages
+  occupy core slots) whenever the core's window is full, i.e. buffer control-stream bytes behind a
+  held PUBLISH, outside the hub's back-pressure: a second flow-control layer we chose not to build.
+  So clients split the window: our agent gives its file data stream `files.max_inflight_segments`
+  and its control stream the rest of 1024 (agent.link); EMQX-style clients that fill the advertised
+  window on every stream at once must lower their windows here.
 
 Close codes (B8, B9): the core closing the connection after the client's DISCONNECT with reason 0
 (or after a peer FIN of the control stream) -> CONNECTION_CLOSE application error 0; any other end
@@ -53,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -127,6 +137,10 @@ class QuicListenerConfig:
     max_connections: int = 100_000  # above this, new connections are refused with app error 2
     park_limit_bytes: int = 1 << 20  # per data stream, buffered until CONNACK
     max_packet_size_bytes: int = MAX_PACKET_SIZE  # framing limit for the control-stream inspector
+    # UDP SO_RCVBUF/SO_SNDBUF of the listening socket (0: the kernel default, ~208 KiB, which overflows
+    # on bursts at high rates: kernel RcvbufErrors that every client reads as loss). Capped by the
+    # kernel at net.core.rmem_max/wmem_max.
+    socket_buffer_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -145,6 +159,8 @@ class QuicListenerConfig:
             raise ValueError("connect_timeout_s: must be > 0")
         if self.max_connections < 1:
             raise ValueError("max_connections: must be >= 1")
+        if self.socket_buffer_bytes < 0:
+            raise ValueError("socket_buffer_bytes: must be >= 0 (0: the kernel default)")
 
 
 def server_configuration(config: QuicListenerConfig) -> QuicConfiguration:
@@ -1083,7 +1099,22 @@ async def start(hub: ConnectionHub, config: ListenerConfig) -> QuicListener:
     options = config.quic
     return await start_quic_listener(hub, listener_config(
         config, max_streams_bidi=options.max_streams_bidi, idle_timeout_s=options.idle_timeout_s,
-        max_connections=options.max_connections))
+        max_connections=options.max_connections, socket_buffer_bytes=options.socket_buffer_bytes))
+
+
+def _udp_socket(family: int, addr: Any, buffer_bytes: int) -> socket.socket:
+    """The listening UDP socket, bound, with SO_RCVBUF/SO_SNDBUF of buffer_bytes (0: kernel default)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if buffer_bytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
+        sock.bind(addr)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def start_quic_listener(hub: ConnectionHub, config: QuicListenerConfig) -> QuicListener:
@@ -1099,9 +1130,13 @@ async def start_quic_listener(hub: ConnectionHub, config: QuicListenerConfig) ->
     def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _MqttQuicProtocol:
         return _MqttQuicProtocol(quic, listener)
 
+    infos = await loop.getaddrinfo(config.host, config.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    if not infos:
+        raise OSError(f"QUIC listener: cannot resolve {config.host}")
+    family, _, _, _, addr = infos[0]
     transport, server = await loop.create_datagram_endpoint(
         lambda: QuicServer(configuration=configuration, create_protocol=create_protocol),
-        local_addr=(config.host, config.port),
+        sock=_udp_socket(family, addr, config.socket_buffer_bytes),
     )
     assert isinstance(server, QuicServer)
     listener.server = server
