@@ -18,7 +18,7 @@ def _kernel_cap(name: str) -> int:
 
 
 def _buffers(listener: QuicListener) -> tuple[int, int]:
-    assert listener.server is not None
+    assert listener.server is not None and listener.server._transport is not None
     sock: socket.socket = listener.server._transport.get_extra_info("socket")
     level = socket.SOL_SOCKET
     return sock.getsockopt(level, socket.SO_RCVBUF), sock.getsockopt(level, socket.SO_SNDBUF)
