@@ -10,6 +10,11 @@ or lost. Ends with one line
 
 and exits non-zero if anything was lost. `--kill-agent-at S` SIGKILLs the agent S seconds in and
 restarts it, to show that a crash loses no committed record.
+
+`--transport` picks the agent's uplink: "auto" (the default: MQTT over QUIC, TCP when QUIC cannot be
+had), "quic" or "tcp". For QUIC the demo makes a throwaway CA and broker certificate in its workdir and
+starts the broker with a QUIC listener beside TCP; the agent's retained birth message says which
+transport carries its session, and the demo prints it.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from hil.net import free_port, wait_tcp_listening
 from store_forward.sqlite import SqliteQueue
 from uplink.client import Uplink, UplinkConfig
 from uplink.mqtt.packets import Publish
+from uplink.schema.commands import AgentStatus
 from uplink.schema.records import CardRecord, decode_batch
-from uplink.schema.topics import all_data_filter, parse_data_topic
+from uplink.schema.topics import AgentTopics, all_data_filter, parse_data_topic
 
 BIN = Path(sys.executable).parent
 
@@ -84,12 +90,23 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
+@dataclass(frozen=True)
+class DemoLink:
+    """How the demo's agent reaches the broker: transport, TCP port, QUIC port and the CA to trust."""
+
+    transport: str = "tcp"
+    tcp_port: int = 1883
+    quic_port: int | None = None
+    ca_file: str | None = None
+
+
 def agent_config(
     workdir: Path,
     agent_id: str,
     broker_port: int,
     endpoints: list[tuple[str, str, int, int]],
     card_interval_s: float,
+    link: DemoLink | None = None,
 ) -> Path:
     devices = [
         {
@@ -119,6 +136,16 @@ def agent_config(
         },
         "modbus": devices,
     }
+    if link is not None and link.transport != "tcp":
+        assert link.quic_port is not None and link.ca_file is not None
+        uplink = doc["uplink"]
+        assert isinstance(uplink, dict)
+        uplink.update(
+            transport=link.transport,
+            ca_file=link.ca_file,
+            quic={"port": link.quic_port, "handshake_timeout_s": 3.0},
+            failover={"probe_initial_s": 5.0, "probe_max_s": 30.0},
+        )
     path = workdir / "agent.toml"
     path.write_text(tomli_w.dumps(doc))
     return path
@@ -183,20 +210,22 @@ def _say(msg: str) -> None:
 async def _run(args: argparse.Namespace, workdir: Path, procs: Procs) -> int:
     broker_port = free_port()
     _say(f"demo: workdir {workdir}")
-    broker = procs.start(
-        "broker",
-        [
-            str(BIN / "cloud-broker"),
-            "run",
-            "--tcp",
-            f"127.0.0.1:{broker_port}",
-            "--data",
-            str(workdir / "broker"),
-            "--allow-anonymous",
-        ],
-    )
+    argv = [str(BIN / "cloud-broker"), "run", "--tcp", f"127.0.0.1:{broker_port}",
+            "--data", str(workdir / "broker"), "--allow-anonymous"]
+    link = DemoLink("tcp", broker_port)
+    if args.transport != "tcp":
+        from hil.bench.uplink import make_bench_pki
+
+        pki_dir = workdir / "pki"
+        pki_dir.mkdir(exist_ok=True)
+        pki = await asyncio.to_thread(make_bench_pki, pki_dir)  # throwaway CA + broker certificate
+        quic_port = free_port("udp")
+        argv += ["--quic", f"127.0.0.1:{quic_port}", "--cert", pki.cert_file, "--key", pki.key_file]
+        link = DemoLink(args.transport, broker_port, quic_port, pki.ca_file)
+    broker = procs.start("broker", argv)
     await asyncio.to_thread(wait_tcp_listening, broker_port, broker.pid, 20.0)
-    _say(f"demo: cloud broker listening on 127.0.0.1:{broker_port} (pid {broker.pid})")
+    quic = f", QUIC on 127.0.0.1:{link.quic_port} (udp)" if link.quic_port is not None else ""
+    _say(f"demo: cloud broker listening on 127.0.0.1:{broker_port}{quic} (pid {broker.pid})")
 
     ws_port = free_port()
     wellsite = procs.start(
@@ -227,14 +256,20 @@ async def _run(args: argparse.Namespace, workdir: Path, procs: Procs) -> int:
     async with asyncio.TaskGroup() as tg:
         sub_task = tg.create_task(sub.run(), name="subscriber-link")
         await asyncio.wait_for(sub.wait_connected(), 10)
-        await sub.subscribe([(all_data_filter(), 1)])
+        agent_id = "demo-pad-01"
+        status_topic = AgentTopics(agent_id).status
+        await sub.subscribe([(all_data_filter(), 1), (status_topic, 1)])
+        transports: list[str] = []
 
         async def consume() -> None:
             async for msg in sub.inbound():
-                tally.add(msg)
+                if msg.topic == status_topic:
+                    _birth(msg, transports)
+                else:
+                    tally.add(msg)
 
         consumer = tg.create_task(consume(), name="subscriber")
-        cfg_path = agent_config(workdir, "demo-pad-01", broker_port, endpoints, args.card_interval_s)
+        cfg_path = agent_config(workdir, agent_id, broker_port, endpoints, args.card_interval_s, link)
         agent_argv = [str(BIN / "edge-agent"), "run", "--config", str(cfg_path)]
         agent = procs.start("agent", agent_argv)
         _say(f"demo: edge agent started (pid {agent.pid}), config {cfg_path}")
@@ -300,6 +335,20 @@ async def _run(args: argparse.Namespace, workdir: Path, procs: Procs) -> int:
     return 1 if lost > 0 or remaining > 0 else 0
 
 
+def _birth(msg: Publish, seen: list[str]) -> None:
+    """Print the transport from the agent's birth message each time it changes."""
+    try:
+        status = msgspec.json.decode(msg.payload, type=AgentStatus)
+    except msgspec.DecodeError:
+        return
+    if status.state != "online" or status.transport is None:
+        return
+    if not seen or seen[-1] != status.transport:
+        seen.append(status.transport)
+        over = "MQTT over QUIC" if status.transport == "quic" else f"MQTT over {status.transport.upper()}"
+        _say(f"demo: agent {status.agent} online, {over}")
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run the end-to-end demo on loopback and account for every record")
     p.add_argument("--wells", type=int, default=16, help="simulated A11 wells (default 16)")
@@ -316,6 +365,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         metavar="S",
         help="SIGKILL the agent S seconds in and restart it (crash-durability demo)",
+    )
+    p.add_argument(
+        "--transport",
+        choices=["auto", "quic", "tcp"],
+        default="auto",
+        help="the agent's uplink: auto (MQTT over QUIC, TCP fallback; the default), quic or tcp",
     )
     p.add_argument("--workdir", help="keep configs, logs and the queue here (default: a temp dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
