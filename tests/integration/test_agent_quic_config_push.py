@@ -49,7 +49,8 @@ async def test_a_pushed_quic_uplink_passes_the_gate_only_once_the_session_runs_o
             resp = await ask(op, "config.apply", {"config": toml(good)})
             assert resp.code == ResultCode.OK, resp.message
             assert resp.result is not None and resp.result["transport"] == "quic"
-            assert agent.link.transport == "quic"
+            now: str | None = agent.link.transport  # (a property: mypy narrowed it to "tcp" above)
+            assert now == "quic"
             status = await ask(op, "agent.status")
             assert status.result is not None
             assert status.result["transport"] == "quic"
