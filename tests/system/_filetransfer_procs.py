@@ -30,7 +30,9 @@ async def send(port: int, db: Path, path: Path) -> None:
     link = Uplink(UplinkConfig("127.0.0.1", port, "dev-kill"))
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(link.run(), name="uplink")
-        uploader = FileUploader(link, db, FilesSection(), owner="cli", consume_inbound=True)
+        # 256 KiB as the test counts segments (SEGMENT_BYTES), whatever the [files] default is.
+        uploader = FileUploader(link, db, FilesSection(segment_size_bytes=256 * 1024), owner="cli",
+                                consume_inbound=True)
         try:
             outcome = await uploader.send(path)
         finally:
