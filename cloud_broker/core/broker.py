@@ -22,6 +22,20 @@ Invariants:
   message produced intents is held until the owner reports that journal batch committed; the acks
   a connection sends after it wait behind it, so acknowledgements keep the order of the PUBLISHes
   (MQTT-4.6.0-2/3). A hook may hold an ack the same way (`ACK_LATER`, `complete_ack`).
+- Exactly once for inbound QoS 2: a persistent session's unreleased QoS 2 packet ids are journaled in
+  the batch that routed the message, and each id remembers that batch. A resent PUBLISH (a new
+  connection, DUP set) is never routed again and its PUBREC waits for that same batch, so no PUBREC
+  goes out before the message is durable. PUBCOMP (and a refusing PUBREC) frees the id for reuse by
+  the client, so it waits until the id's deletion is durable: otherwise a restart would revive the
+  id and drop the client's next message under it as a resend.
+- No acknowledgement for a message nobody took: when subscribers matched but every one of them
+  dropped the message because its queue was full (`max_queued_messages`), an MQTT 5 publisher gets
+  PUBACK/PUBREC 0x97 (Quota exceeded) and keeps the message to retry. MQTT 3.1.1 has no negative
+  ack, so the broker closes a 3.1.1 publisher's connection instead of acknowledging (its will is
+  published, as for any connection the server closes); with clean session 0 the client resends the
+  message, DUP set, after it reconnects. If at least one subscriber took the message the ack is
+  0x00 and the drops are only counted (`messages_dropped`): a retry would duplicate it for the others,
+  and one abandoned subscriber must not stall every publisher. QoS 0 drops are only counted.
 - Authentication may be deferred (`deferred_auth=True`): CONNECT becomes an `AuthRequest` for the
   owner; packets the client pipelines behind its CONNECT wait in the connection's backlog until
   `auth_completed` decides.
@@ -51,12 +65,14 @@ from cloud_broker.core.model import (
 )
 from cloud_broker.core.persistence import (
     DeleteDelivery,
+    DeleteInboundQos2,
     DeleteRetained,
     DeleteSession,
     Intent,
     MarkReleased,
     MarkSent,
     SaveDelivery,
+    SaveInboundQos2,
     SaveRetained,
     SaveSession,
     SessionRecord,
@@ -124,7 +140,7 @@ class _HeldAck:
         self.batch = batch
         self.data = data  # None until the hook settled it
         self.ticket = ticket
-        self.kind = kind  # 1: PUBACK, 2: PUBREC
+        self.kind = kind  # 1: PUBACK, 2: PUBREC, 3: PUBCOMP
         self.packet_id = packet_id
         self.level = level
 
@@ -133,8 +149,8 @@ class Counters:
     """Totals since start, for `$SYS` and metrics. Plain attributes: incremented on the hot path."""
 
     __slots__ = ("auth_failures", "bytes_received", "bytes_sent", "connections_total", "messages_dropped",
-                 "messages_received", "messages_sent", "protocol_violations", "publish_refused",
-                 "qos0_dropped_congested")
+                 "messages_received", "messages_sent", "protocol_violations", "publish_quota_exceeded",
+                 "publish_refused", "qos0_dropped_congested")
 
     def __init__(self) -> None:
         self.bytes_received = 0
@@ -144,6 +160,7 @@ class Counters:
         self.messages_dropped = 0  # queue full, too large for the client, or expired
         self.qos0_dropped_congested = 0
         self.publish_refused = 0  # not authorized
+        self.publish_quota_exceeded = 0  # every matching subscriber's queue was full (see _accept)
         self.protocol_violations = 0
         self.auth_failures = 0
         self.connections_total = 0
@@ -428,8 +445,11 @@ class Broker:
             held.data = encode(PubAck(held.packet_id, code), held.level)
         else:
             session = conn.session
-            if reason_code >= 0x80 and session is not None:
-                session.inbound_qos2.discard(held.packet_id)  # refused: a resend is a new message
+            if (reason_code >= 0x80 and session is not None
+                    and self._forget_inbound_qos2(session, held.packet_id)):
+                # Refused: a resend is a new message. The client may reuse the id once it reads this
+                # PUBREC, so it waits until the id's deletion is durable (see Session.inbound_qos2_batch).
+                held.batch = max(held.batch, session.inbound_qos2_batch)
             held.data = encode(PubRec(held.packet_id, code), held.level)
         held.ticket = 0
         self._release_held(conn)
@@ -513,15 +533,19 @@ class Broker:
                 restored.inflight[queued.packet_id] = delivery
             else:
                 restored.pending.append(delivery)
+        for inbound in state.inbound_qos2:
+            owner = self._sessions.get(inbound.client_id)
+            if owner is not None:
+                owner.inbound_qos2[inbound.packet_id] = 0  # stored, hence committed: nothing to wait for
 
     def publish(self, message: Message, now: float) -> int:
         """Route a message the broker itself originates (rules, `$SYS`); no hooks or authorization.
 
-        Returns the number of sessions it was delivered or queued to.
+        Returns the number of sessions it was delivered or queued to (a full queue does not count).
         """
         if message.retain:
             self._store_retained(message)
-        return self._route(message, now)
+        return self._route(message, now)[0]
 
     def open_connections(self) -> list[int]:
         """Ids of the connections the core still considers open."""
@@ -804,9 +828,12 @@ class Broker:
         pid = pkt.packet_id
         if qos == 2:
             assert pid is not None
-            if pid in session.inbound_qos2:
-                # A re-sent QoS 2 PUBLISH whose first copy we already routed: acknowledge, never route twice.
-                self._ack(conn, 2, pid, 0, False, 0)
+            first_batch = session.inbound_qos2.get(pid)
+            if first_batch is not None:
+                # A re-sent QoS 2 PUBLISH whose first copy we already routed: acknowledge, never route
+                # twice. Its PUBREC promises what the first copy's did, so it waits for the same journal
+                # batch: the first PUBREC may have died, held, with its connection before that commit.
+                self._ack(conn, 2, pid, 0, first_batch, 0)
                 return
             if len(session.inbound_qos2) >= settings.receive_maximum:
                 raise RemoteProtocolError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
@@ -832,28 +859,52 @@ class Broker:
                 self._next_ticket += 1
                 ticket = self._next_ticket
             reason = self._accept(client, message, now, ticket, pid or 0)
+            if reason == ReasonCode.QUOTA_EXCEEDED:
+                self.counters.publish_quota_exceeded += 1
         if qos == 0:
             return
         assert pid is not None
+        if reason == ReasonCode.QUOTA_EXCEEDED and conn.protocol_level != MQTT_5:
+            # MQTT 3.1.1 has no negative PUBACK, and acking would tell the client we own a message
+            # nobody took. Closing without the ack is 3.1.1's way to refuse (cf. MQTT-3.3.5-2): the
+            # client resends it, DUP set, when it reconnects with its session (clean session 0).
+            self._close(conn, now, disconnect_reason=None, publish_will=True)
+            return
+        journaled = len(self._journal) > journal_before
         if qos == 2 and reason < 0x80:
-            session.inbound_qos2.add(pid)
-        self._ack(conn, qos, pid, reason, len(self._journal) > journal_before,
+            if session.durable:
+                # Same batch as the message's deliveries: after a crash both exist or neither does.
+                self._journal.append(SaveInboundQos2(session.client_id, pid))
+                session.inbound_qos2_batch = self._batch
+                journaled = True
+            session.inbound_qos2[pid] = self._batch if journaled else 0
+        self._ack(conn, qos, pid, reason, self._batch if journaled else 0,
                   ticket if reason == ACK_LATER else 0)
 
-    def _ack(self, conn: Connection, kind: int, pid: int, reason: int, durable: bool, ticket: int) -> None:
-        """PUBACK (kind 1) or PUBREC (kind 2) now, or held behind the journal, a hook or earlier acks."""
+    def _ack(self, conn: Connection, kind: int, pid: int, reason: int, batch: int, ticket: int) -> None:
+        """PUBACK (kind 1), PUBREC (2) or PUBCOMP (3) now, or held until journal batch `batch` is
+        committed (0: nothing to wait for), a hook settled it (`ticket`) and earlier held acks went out."""
         level = conn.protocol_level
         if ticket:
             data = None
         else:
             # MQTT 3.1.1 acks carry no reason code.
             code = reason if level == MQTT_5 else 0
-            data = encode(PubAck(pid, code) if kind == 1 else PubRec(pid, code), level)
+            packet: Packet
+            if kind == 1:
+                packet = PubAck(pid, code)
+            elif kind == 2:
+                packet = PubRec(pid, code)
+            else:
+                packet = PubComp(pid, code)
+            data = encode(packet, level)
         held = conn.held
-        if not durable and not ticket and not held:
+        if batch <= self._committed:
+            batch = 0
+        if not batch and not ticket and not held:
             self._write(conn.conn_id, data)  # type: ignore[arg-type]  # ticket 0 implies data
             return
-        entry = _HeldAck(self._batch if durable else 0, data, ticket, kind, pid, level)
+        entry = _HeldAck(batch, data, ticket, kind, pid, level)
         if held is None:
             held = conn.held = deque()
         held.append(entry)
@@ -886,8 +937,14 @@ class Broker:
                 return verdict
         if message.retain:
             self._store_retained(message)
-        delivered = self._route(message, now)
-        return ReasonCode.SUCCESS if delivered else ReasonCode.NO_MATCHING_SUBSCRIBERS
+        taken, full = self._route(message, now)
+        if taken:
+            return ReasonCode.SUCCESS
+        if full:
+            # Subscribers matched but every one of them had a full queue: nobody owns the message, so
+            # the publisher must keep it and retry (0x97 Quota exceeded) rather than settle it.
+            return ReasonCode.QUOTA_EXCEEDED
+        return ReasonCode.NO_MATCHING_SUBSCRIBERS
 
     def _store_retained(self, message: Message) -> None:
         if self._retained.store(message) and self._journal_on and not message.topic.startswith(SYS_PREFIX):
@@ -902,27 +959,29 @@ class Broker:
 
     # ---------------------------------------------------------------- routing and delivery
 
-    def _route(self, message: Message, now: float) -> int:
-        """Deliver message to every matching session; returns how many sessions got it."""
+    def _route(self, message: Message, now: float) -> tuple[int, int]:
+        """Deliver message to every matching session; returns (sessions that took it, sessions that
+        dropped it because their queue was full)."""
         targets = self._router.match(message.topic)
         if not targets:
-            return 0
+            return 0, 0
         # Encoded QoS 0 PUBLISH per (protocol level, retain flag, subscription ids): fan-out encodes once.
         cache: dict[tuple[int, bool, tuple[int, ...]], bytes | None] = {}
         sessions = self._sessions
         if len(targets) == 1 and type(targets[0]) is SubscriptionEntry:
             entry = targets[0]
             if entry.no_local and entry.client_id == message.publisher_id:
-                return 0
+                return 0, 0
             session = sessions[entry.client_id]
             sub_ids: tuple[int, ...] = (entry.subscription_id,) if entry.subscription_id is not None else ()
             retain = message.retain and entry.retain_as_published
             delivery = Delivery(message, min(entry.qos, message.qos), retain, sub_ids)
-            self._deliver(session, delivery, now, cache)
-            return 1
+            if self._deliver(session, delivery, now, cache):
+                return 1, 0
+            return 0, 1
         # A client whose filters overlap gets one copy: the highest QoS, every Subscription Identifier.
         merged: dict[str, tuple[int, bool, tuple[int, ...]]] = {}
-        count = 0
+        taken = full = 0
         for target in targets:
             if type(target) is SharedGroup:
                 picked = target.pick(self._is_online)
@@ -930,8 +989,10 @@ class Broker:
                     continue
                 picked_ids = (picked.subscription_id,) if picked.subscription_id is not None else ()
                 delivery = Delivery(message, min(picked.qos, message.qos), False, picked_ids)
-                self._deliver(sessions[picked.client_id], delivery, now, cache)
-                count += 1
+                if self._deliver(sessions[picked.client_id], delivery, now, cache):
+                    taken += 1
+                else:
+                    full += 1
                 continue
             assert isinstance(target, SubscriptionEntry)
             if target.no_local and target.client_id == message.publisher_id:
@@ -945,25 +1006,34 @@ class Broker:
                                             seen[2] + ids)
         for client_id, (qos, rap, ids) in merged.items():
             delivery = Delivery(message, min(qos, message.qos), message.retain and rap, ids)
-            self._deliver(sessions[client_id], delivery, now, cache)
-        return count + len(merged)
+            if self._deliver(sessions[client_id], delivery, now, cache):
+                taken += 1
+            else:
+                full += 1
+        return taken, full
 
     def _is_online(self, client_id: str) -> bool:
         session = self._sessions.get(client_id)
         return session is not None and session.conn_id is not None
 
     def _deliver(self, session: Session, delivery: Delivery, now: float,
-                 cache: dict[tuple[int, bool, tuple[int, ...]], bytes | None] | None = None) -> None:
+                 cache: dict[tuple[int, bool, tuple[int, ...]], bytes | None] | None = None) -> bool:
+        """Send or queue a delivery; False only when the session's queue was full and it was dropped.
+
+        Other losses count as taken: a QoS 0 delivery the session does not queue or cannot read in
+        time is what QoS 0 allows, and one too large for the client or expired will never fit, so a
+        retry by the publisher could not help.
+        """
         conn = self._conns.get(session.conn_id) if session.conn_id is not None else None
         if conn is None:
             if delivery.qos > 0 or self.settings.queue_qos0_offline:
-                self._enqueue(session, delivery)
-            return
+                return self._enqueue(session, delivery)
+            return True
         if delivery.qos == 0:
             if conn.congested:
                 # The client does not read fast enough: at most once may be never (counted).
                 self.counters.qos0_dropped_congested += 1
-                return
+                return True
             if cache is None:
                 data = self._encode_delivery(conn, delivery, 0, False, now)
             else:
@@ -976,27 +1046,29 @@ class Broker:
             if data is not None and len(data) <= conn.max_packet_size_out:
                 self.counters.messages_sent += 1
                 self._write(conn.conn_id, data)
-            return
+            return True
         if session.pending or conn.congested or len(session.inflight) >= conn.inflight_window:
-            self._enqueue(session, delivery)
-            return
+            return self._enqueue(session, delivery)
         if session.durable:
             delivery.seq = seq = session.next_seq
             session.next_seq = seq + 1
             pid = self._send_inflight(conn, session, delivery, now)
             if pid:
                 self._journal.append(SaveDelivery(session.client_id, seq, _stored(delivery), pid))
-            return
+            return True
         self._send_inflight(conn, session, delivery, now)
+        return True
 
-    def _enqueue(self, session: Session, delivery: Delivery) -> None:
+    def _enqueue(self, session: Session, delivery: Delivery) -> bool:
+        """Queue a delivery (journaled for a durable session); False when the queue was full."""
         if not session.enqueue(delivery):
             self.counters.messages_dropped += 1
-            return
+            return False
         if session.durable:
             delivery.seq = seq = session.next_seq
             session.next_seq = seq + 1
             self._journal.append(SaveDelivery(session.client_id, seq, _stored(delivery)))
+        return True
 
     def _settled(self, session: Session, delivery: Delivery) -> None:
         """A journaled delivery left the session (acknowledged, refused, dropped or expired)."""
@@ -1120,11 +1192,20 @@ class Broker:
     def _on_pubrel(self, conn: Connection, pkt: PubRel) -> None:
         session = conn.session
         assert session is not None
-        if pkt.packet_id in session.inbound_qos2:
-            session.inbound_qos2.discard(pkt.packet_id)
-            self._send(conn, PubComp(pkt.packet_id))
-        else:
-            self._send(conn, PubComp(pkt.packet_id, self._not_found(conn)))
+        code = 0 if self._forget_inbound_qos2(session, pkt.packet_id) else self._not_found(conn)
+        # PUBCOMP frees the id for the client's next message, so it waits until the id's deletion is
+        # durable; for an unknown id too, which may be a resent PUBREL whose first copy deleted the id
+        # in a batch that is not committed yet. Most of the time that batch is long committed.
+        self._ack(conn, 3, pkt.packet_id, code, session.inbound_qos2_batch, 0)
+
+    def _forget_inbound_qos2(self, session: Session, pid: int) -> bool:
+        """Free an inbound QoS 2 packet id (journaled for a durable session); False if it was unknown."""
+        if session.inbound_qos2.pop(pid, None) is None:
+            return False
+        if session.durable:
+            self._journal.append(DeleteInboundQos2(session.client_id, pid))
+            session.inbound_qos2_batch = self._batch
+        return True
 
     @staticmethod
     def _not_found(conn: Connection) -> int:
@@ -1242,18 +1323,22 @@ class Broker:
         conn.state = _State.CLOSED
         conn.deadline = None
         del self._conns[conn.conn_id]
+        session = conn.session
         if conn.held:
             # Unsent acknowledgements die with the connection: the client resends those PUBLISHes.
             for entry in conn.held:
                 if entry.ticket:
                     self._tickets.pop(entry.ticket, None)
+                    if entry.kind == 2 and session is not None:
+                        # The hook's verdict on this QoS 2 message is lost with the ticket: the resend
+                        # must go to the hook again, not be acknowledged as a success unseen.
+                        self._forget_inbound_qos2(session, entry.packet_id)
             conn.held = None
             self._held_conns.discard(conn.conn_id)
         if tell_listener:
             self._closes.append(conn.conn_id)
         else:
             self._writes.pop(conn.conn_id, None)  # the connection is gone: nowhere to write
-        session = conn.session
         if session is None or session.conn_id != conn.conn_id:
             return
         session.conn_id = None

@@ -9,6 +9,10 @@ message that landed in a persistent session's queue, or in the retained store) a
 until their batch is committed. On start the owner loads a `StoredState` and hands it to
 `Broker.restore()`.
 
+Besides queues and retained messages, storage keeps each persistent session's inbound QoS 2 packet ids
+(`SaveInboundQos2` / `DeleteInboundQos2`): without them a restart would route a resent QoS 2 PUBLISH a
+second time. SaveSession does not touch them; DeleteSession forgets them with the session.
+
 Times inside intents and records are the core's monotonic seconds. A store that outlives the process
 translates them to wall-clock time with the offset it is given (wall = monotonic + offset), so a
 message's expiry and a detached session's expiry keep counting down across restarts.
@@ -51,10 +55,20 @@ class QueuedRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class InboundQos2Record:
+    """A QoS 2 PUBLISH a session's client sent us that we routed and whose PUBREL has not arrived: a
+    resend with this packet id is acknowledged, never routed again (exactly once across restarts)."""
+
+    client_id: str
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class StoredState:
     retained: tuple[Message, ...] = ()
     sessions: tuple[SessionRecord, ...] = ()
     deliveries: tuple[QueuedRecord, ...] = ()
+    inbound_qos2: tuple[InboundQos2Record, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------ intents
@@ -100,6 +114,23 @@ class DeleteDelivery:
 
 
 @dataclass(frozen=True, slots=True)
+class SaveInboundQos2:
+    """The client's QoS 2 PUBLISH with this packet id was routed; journaled in the same batch as its
+    deliveries, so after a crash either both exist or neither does."""
+
+    client_id: str
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteInboundQos2:
+    """Its PUBREL arrived (or the message was refused): the packet id is free for a new message."""
+
+    client_id: str
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class SaveRetained:
     message: Message
 
@@ -110,7 +141,7 @@ class DeleteRetained:
 
 
 Intent = (SaveSession | DeleteSession | SaveDelivery | MarkSent | MarkReleased | DeleteDelivery
-          | SaveRetained | DeleteRetained)
+          | SaveInboundQos2 | DeleteInboundQos2 | SaveRetained | DeleteRetained)
 
 
 class Persistence(Protocol):
@@ -130,6 +161,7 @@ class MemoryPersistence:
         self.retained: dict[str, Message] = {}
         self.sessions: dict[str, SessionRecord] = {}
         self.deliveries: dict[tuple[str, int], QueuedRecord] = {}
+        self.inbound_qos2: set[tuple[str, int]] = set()
 
     def apply(self, intents: Sequence[Intent], clock_offset_s: float = 0.0) -> None:
         for intent in intents:
@@ -137,7 +169,9 @@ class MemoryPersistence:
 
     def load(self, clock_offset_s: float = 0.0) -> StoredState:
         deliveries = sorted(self.deliveries.values(), key=lambda r: (r.client_id, r.seq))
-        return StoredState(tuple(self.retained.values()), tuple(self.sessions.values()), tuple(deliveries))
+        inbound = tuple(InboundQos2Record(cid, pid) for cid, pid in sorted(self.inbound_qos2))
+        return StoredState(tuple(self.retained.values()), tuple(self.sessions.values()), tuple(deliveries),
+                           inbound)
 
     def close(self) -> None:
         pass
@@ -164,6 +198,11 @@ def apply_one(store: MemoryPersistence, intent: Intent) -> None:
         store.sessions.pop(intent.client_id, None)
         for key in [k for k in store.deliveries if k[0] == intent.client_id]:
             del store.deliveries[key]
+        store.inbound_qos2 = {k for k in store.inbound_qos2 if k[0] != intent.client_id}
+    elif isinstance(intent, SaveInboundQos2):
+        store.inbound_qos2.add((intent.client_id, intent.packet_id))
+    elif isinstance(intent, DeleteInboundQos2):
+        store.inbound_qos2.discard((intent.client_id, intent.packet_id))
     elif isinstance(intent, SaveRetained):
         store.retained[intent.message.topic] = intent.message
     elif isinstance(intent, DeleteRetained):

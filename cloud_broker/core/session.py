@@ -42,6 +42,7 @@ class Session:
         "expires_at",
         "expiry_interval_s",
         "inbound_qos2",
+        "inbound_qos2_batch",
         "inflight",
         "max_queued",
         "next_seq",
@@ -62,7 +63,13 @@ class Session:
         self.inflight: dict[int, Delivery] = {}
         self.pending: deque[Delivery] = deque()
         # Inbound QoS 2 packet ids whose PUBREL has not arrived: a re-sent PUBLISH is not routed twice.
-        self.inbound_qos2: set[int] = set()
+        # Each maps to the journal batch that holds the first copy's routing and the id itself (0: none,
+        # or restored from storage): a resend's PUBREC waits for that batch like the first one did.
+        self.inbound_qos2: dict[int, int] = {}
+        # The last journal batch that saved or deleted one of this session's inbound QoS 2 ids. A PUBCOMP
+        # waits for it: once the client has PUBCOMP it may reuse the id, and a restart that brought the
+        # id back would take the new message for a resend and drop it.
+        self.inbound_qos2_batch = 0
         self.dropped_messages = 0
         self._next_packet_id = 1
         # Whether this session's state is journaled (the broker journals and the session outlives its

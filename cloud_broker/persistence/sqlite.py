@@ -1,6 +1,9 @@
 """SQLite storage of the broker's durable state (sessions, their queued and in-flight deliveries,
 retained messages): every SQL statement of the broker lives here.
 
+Each persistent session's unreleased inbound QoS 2 packet ids have their own table (`inbound_qos2`):
+they change with every QoS 2 message, the session row rarely.
+
 The store is driven from one thread (the journal writer, or the caller at start). `apply` runs a
 whole group of intents in one transaction and returns once it is durable, which is what lets the
 broker acknowledge a QoS 1/2 message only after it is safely queued for every persistent subscriber.
@@ -24,13 +27,16 @@ import msgspec
 from cloud_broker.core.model import Message, StoredDelivery, SubscriptionEntry
 from cloud_broker.core.persistence import (
     DeleteDelivery,
+    DeleteInboundQos2,
     DeleteRetained,
     DeleteSession,
+    InboundQos2Record,
     Intent,
     MarkReleased,
     MarkSent,
     QueuedRecord,
     SaveDelivery,
+    SaveInboundQos2,
     SaveRetained,
     SaveSession,
     SessionRecord,
@@ -39,7 +45,7 @@ from cloud_broker.core.persistence import (
 from uplink.mqtt.packets import NO_PROPERTIES, PacketType, Properties
 from uplink.mqtt.properties import decode_properties, encode_properties
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inbound_qos2 (a version 1 file is upgraded in place: the table is added)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,6 +63,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     topic TEXT NOT NULL, payload BLOB NOT NULL, msg_qos INTEGER NOT NULL, msg_retain INTEGER NOT NULL,
     props BLOB, expires_at_wall REAL, publisher_id TEXT,
     PRIMARY KEY (client_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbound_qos2 (
+    client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, PRIMARY KEY (client_id, packet_id)
 ) WITHOUT ROWID;
 """
 
@@ -99,11 +108,14 @@ class SqlitePersistence:
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} has schema version {row[0]}, newer than this broker's "
                                  f"{SCHEMA_VERSION}: run a newer broker or move the file away")
+            if row is None or int(row[0]) < SCHEMA_VERSION:
+                # Older files only lack tables, which the schema script above just created; the new
+                # version number keeps older brokers (which would ignore those tables) away from it.
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                                 (str(SCHEMA_VERSION),))
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open broker state {self.path}: {exc} (move the file away to start "
                              "empty)") from exc
@@ -156,6 +168,13 @@ class SqlitePersistence:
         elif isinstance(intent, DeleteSession):
             db.execute("DELETE FROM sessions WHERE client_id = ?", (intent.client_id,))
             db.execute("DELETE FROM deliveries WHERE client_id = ?", (intent.client_id,))
+            db.execute("DELETE FROM inbound_qos2 WHERE client_id = ?", (intent.client_id,))
+        elif isinstance(intent, SaveInboundQos2):
+            db.execute("INSERT OR IGNORE INTO inbound_qos2 VALUES (?, ?)",
+                       (intent.client_id, intent.packet_id))
+        elif isinstance(intent, DeleteInboundQos2):
+            db.execute("DELETE FROM inbound_qos2 WHERE client_id = ? AND packet_id = ?",
+                       (intent.client_id, intent.packet_id))
         elif isinstance(intent, SaveRetained):
             m = intent.message
             db.execute("INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?, ?)",
@@ -189,10 +208,13 @@ class SqlitePersistence:
                     pid, bool(released))
                 for (cid, seq, pid, released, qos, retain, sub_ids, topic, payload, msg_qos, msg_retain,
                      props, exp, pub) in db.execute("SELECT * FROM deliveries ORDER BY client_id, seq"))
+            inbound = tuple(
+                InboundQos2Record(cid, pid) for cid, pid in db.execute(
+                    "SELECT client_id, packet_id FROM inbound_qos2 ORDER BY client_id, packet_id"))
         except (sqlite3.DatabaseError, msgspec.DecodeError, ValueError) as exc:
             raise StoreError(f"cannot read broker state {self.path}: {exc} (move the file away to start "
                              "empty)") from exc
-        return StoredState(retained, sessions, deliveries)
+        return StoredState(retained, sessions, deliveries, inbound)
 
 
 def _cancelled_pairs(intents: Sequence[Intent]) -> set[int]:
