@@ -12,7 +12,10 @@ store_forward AsyncQueue(SqliteQueue). Reported per case: values acquired and co
 per 1,000 committed values (target <= 2), CPU share of one core, peak RSS (target <= 80 MB),
 poll-to-commit latency p50/p99 per record (from the reading's timestamp to the commit returning;
 target p50 <= 100 ms), values lost (acquired but not committed; target 0), and for the stress case the
-share of the scheduled values actually acquired (a bus that cannot keep up skips polls).
+share of the scheduled values actually acquired (a bus that cannot keep up skips polls; a card holds
+28 scalars + 4 x 200 curve points, or 2 x 200 for the fifth of the wells without a power meter) and
+the simulator's CPU share (whether the simulator, not the agent, is the limit). The agent's CPU is also
+split by thread (event loop vs the store's writer), and BAD readings are counted by reason.
 """
 
 from __future__ import annotations
@@ -31,19 +34,20 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.pipeline import Pipeline
 from drivers.base import CardReading, Quality, Reading
+from drivers.modbus.config import A11_CARD_SCALARS
 from drivers.modbus.driver import ModbusDriver
 from hil.bench import result_line
+from hil.cards import well_profile
 from hil.wellsite import Endpoint, Wellsite, agent_devices_for
 from store_forward.facade import AsyncQueue
 from store_forward.model import NewRecord
 from store_forward.sqlite import SqliteQueue
 
-# 829 values per card: 28 scalar points + the acquisition time (carried as the card's time, not a
-# value) + 4 curves x 200 points; counted as values: 828.
-CARD_VALUES = 828
+SIM_SEED = 1
 CHILD_TIMEOUT_S = 600.0
 
 
@@ -83,7 +87,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def run_agent(endpoints: list[Endpoint], *, duration_s: float, scalar_interval_s: float,
-                    card_interval_s: float, db_path: Path, label: str) -> dict[str, float]:
+                    card_interval_s: float, db_path: Path, label: str) -> dict[str, Any]:
     devices = agent_devices_for(endpoints, poll_interval_s=scalar_interval_s, card_interval_s=card_interval_s,
                                 timeout_s=5.0)
     queue = AsyncQueue(lambda: SqliteQueue(db_path))
@@ -135,6 +139,7 @@ async def run_agent(endpoints: list[Endpoint], *, duration_s: float, scalar_inte
         "rss_mb": _peak_rss_bytes() / 2**20, "p50_ms": _percentile(timed.latencies_ms, 0.5),
         "p99_ms": _percentile(timed.latencies_ms, 0.99), "wall_s": wall_s,
         "values_per_s": committed / wall_s, "overflow": pipeline.stats.dropped_overflow,
+        "user_s": usage1.ru_utime - usage0.ru_utime, "sys_s": usage1.ru_stime - usage0.ru_stime,
         "requests": driver.requests_sent(), "bad_reasons": dict(bad_reasons),
         # where the CPU went: the event loop thread vs the store's writer thread (user+system)
         "cpu_ms_per_1k_by_thread": {
@@ -158,6 +163,17 @@ def _thread_cpu_s() -> dict[str, float]:
     return out
 
 
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) another process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def card_values(well: str, seed: int = SIM_SEED, n_points: int = 200) -> int:
+    """Values one card of this simulated well carries: 28 scalars and 2 curves, 4 with a power meter."""
+    return len(A11_CARD_SCALARS) + n_points * (4 if well_profile(well, seed).has_power_meter else 2)
+
+
 def _peak_rss_bytes() -> int:
     """This process's peak RSS (VmHWM). Not ru_maxrss, which keeps the forking parent's peak across exec."""
     with open("/proc/self/status") as f:
@@ -174,7 +190,7 @@ def _child(*argv: str) -> subprocess.Popen[str]:
 
 async def _case(label: str, *, wells: int, duration_s: float, scalar_interval_s: float,
                 card_interval_s: float, sim_card_interval_s: float | None = None,
-                profile: str = "") -> dict[str, float]:
+                profile: str = "") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         sim = _child("sim", str(wells), str(sim_card_interval_s or card_interval_s))
         try:
@@ -186,10 +202,13 @@ async def _case(label: str, *, wells: int, duration_s: float, scalar_interval_s:
             print(f"{label}: {wells} wells served, agent running {duration_s:.0f} s", flush=True)
             agent = _child("agent", label, str(Path(tmp, "endpoints.json")), str(duration_s),
                            str(scalar_interval_s), str(card_interval_s), str(Path(tmp, "queue.db")), profile)
+            sim_cpu0_s, t0 = _process_cpu_s(sim.pid), time.monotonic()
             out, _ = await asyncio.to_thread(agent.communicate, timeout=CHILD_TIMEOUT_S)
+            # the simulator's CPU share of one core while the agent ran (start-up included): is it the limit?
+            sim_share = (_process_cpu_s(sim.pid) - sim_cpu0_s) / (time.monotonic() - t0)
             if agent.returncode != 0:
                 raise RuntimeError(f"the agent child failed with {agent.returncode}")
-            return dict(json.loads(out.strip().splitlines()[-1]))
+            return {**json.loads(out.strip().splitlines()[-1]), "sim_cpu_share": round(sim_share, 3)}
         finally:
             sim.send_signal(signal.SIGTERM)
             await asyncio.to_thread(sim.wait, 30)
@@ -212,17 +231,21 @@ async def main(args: argparse.Namespace) -> int:
                         scalar_interval_s=3600.0, card_interval_s=1.0, sim_card_interval_s=0.9,
                         profile=args.profile and f"{args.profile}.stress")
         print(f"stress: {s}", flush=True)
-        scheduled = args.stress_wells * CARD_VALUES * s["wall_s"]
+        # what a card per well per second carries; a fifth of the simulated wells have no power meter,
+        # so their cards hold 428 values, not 828
+        per_second = sum(card_values(f"well-{i + 1:03d}") for i in range(args.stress_wells))
+        scheduled = per_second * s["wall_s"]
         out.update(stress_wells=args.stress_wells, stress_values_per_s=s["values_per_s"],
                    stress_acquired_share=s["acquired"] / scheduled, stress_cpu_ms_per_1k=s["cpu_ms_per_1k"],
                    stress_cpu_share=s["cpu_share"], stress_rss_mb=s["rss_mb"], stress_p50_ms=s["p50_ms"],
-                   stress_p99_ms=s["p99_ms"], stress_lost=int(s["lost"]), stress_bad=int(s["bad"]))
+                   stress_p99_ms=s["p99_ms"], stress_lost=int(s["lost"]), stress_bad=int(s["bad"]),
+                   stress_sim_cpu_share=s["sim_cpu_share"])
     print(result_line("fleet", **out), flush=True)
     return 0
 
 
 async def _serve(wells: int, card_interval_s: float) -> None:
-    site = Wellsite(wells, port=0, units_per_port=1, card_interval_s=card_interval_s)
+    site = Wellsite(wells, port=0, units_per_port=1, card_interval_s=card_interval_s, seed=SIM_SEED)
     await site.start()
     print(json.dumps(site.endpoints), flush=True)
     stop = asyncio.Event()
