@@ -121,6 +121,9 @@ _MAX_RECEIVE = 65535
 _MAX_AUTH_BACKLOG = 64
 # Topics under this prefix are the broker's own statistics: republished often, never journaled.
 SYS_PREFIX = "$SYS/"
+# `_accept`'s verdict when subscribers matched but every one's queue was full (0x97 at MQTT 5). Kept
+# apart from a hook's own 0x97, which 3.1.1 acks like its other refusals.
+_QUEUES_FULL = -2
 
 
 class _State(Enum):
@@ -859,17 +862,17 @@ class Broker:
                 self._next_ticket += 1
                 ticket = self._next_ticket
             reason = self._accept(client, message, now, ticket, pid or 0)
-            if reason == ReasonCode.QUOTA_EXCEEDED:
-                self.counters.publish_quota_exceeded += 1
         if qos == 0:
             return
         assert pid is not None
-        if reason == ReasonCode.QUOTA_EXCEEDED and conn.protocol_level != MQTT_5:
-            # MQTT 3.1.1 has no negative PUBACK, and acking would tell the client we own a message
-            # nobody took. Closing without the ack is 3.1.1's way to refuse (cf. MQTT-3.3.5-2): the
-            # client resends it, DUP set, when it reconnects with its session (clean session 0).
-            self._close(conn, now, disconnect_reason=None, publish_will=True)
-            return
+        if reason == _QUEUES_FULL:
+            if conn.protocol_level != MQTT_5:
+                # MQTT 3.1.1 has no negative PUBACK, and acking would tell the client we own a message
+                # nobody took. Closing without the ack is 3.1.1's way to refuse (cf. MQTT-3.3.5-2): the
+                # client resends it, DUP set, when it reconnects with its session (clean session 0).
+                self._close(conn, now, disconnect_reason=None, publish_will=True)
+                return
+            reason = ReasonCode.QUOTA_EXCEEDED
         journaled = len(self._journal) > journal_before
         if qos == 2 and reason < 0x80:
             if session.durable:
@@ -930,7 +933,8 @@ class Broker:
 
     def _accept(self, client: ClientInfo, message: Message, now: float, ticket: int = 0,
                 packet_id: int = 0) -> int:
-        """Hooks, retained store, routing; returns the PUBACK/PUBREC reason code (or ACK_LATER)."""
+        """Hooks, retained store, routing; returns the PUBACK/PUBREC reason code, ACK_LATER or
+        _QUEUES_FULL."""
         for hook in self._hooks:
             verdict = hook.on_publish(client, message, ticket, packet_id)
             if verdict is not None:
@@ -943,7 +947,8 @@ class Broker:
         if full:
             # Subscribers matched but every one of them had a full queue: nobody owns the message, so
             # the publisher must keep it and retry (0x97 Quota exceeded) rather than settle it.
-            return ReasonCode.QUOTA_EXCEEDED
+            self.counters.publish_quota_exceeded += 1
+            return _QUEUES_FULL
         return ReasonCode.NO_MATCHING_SUBSCRIBERS
 
     def _store_retained(self, message: Message) -> None:

@@ -6,7 +6,7 @@ resends the message after it reconnects. A message at least one subscriber took 
 from __future__ import annotations
 
 from cloud_broker.core.broker import Broker
-from cloud_broker.core.model import Message
+from cloud_broker.core.model import ClientInfo, Message
 from cloud_broker.core.persistence import MemoryPersistence
 from cloud_broker.core.settings import CoreSettings
 from tests.unit.test_broker_core import Rig, publishes, sub
@@ -158,3 +158,29 @@ def test_the_brokers_own_messages_count_only_the_sessions_that_took_them() -> No
     live = rig.connect("live")
     sub(rig, live, TOPIC, qos=1)
     assert rig.broker.publish(Message(TOPIC, b"rule output", 1), rig.now) == 1
+
+
+def test_qos0_publishes_to_full_queues_are_only_counted_even_at_v311() -> None:
+    rig = Rig(max_queued_messages=0, queue_qos0_offline=True)
+    full_ingest(rig)
+    p = rig.connect("pad-07", MQTT_311)
+    rig.send(p, Publish(TOPIC, b"x", qos=0))
+    assert not p.closed and rig.take(p) == []
+    assert rig.broker.counters.messages_dropped == 1
+
+
+class QuotaHook:
+    """A hook with a quota of its own (e.g. file-transfer storage) answers 0x97 itself."""
+
+    def on_publish(self, client: ClientInfo, message: Message, ticket: int, packet_id: int) -> int | None:
+        return ReasonCode.QUOTA_EXCEEDED if message.topic.startswith("$file/") else None
+
+
+def test_a_hooks_own_0x97_is_acked_at_v311_like_its_other_refusals_not_a_disconnect() -> None:
+    rig = Rig(Broker(CoreSettings(allow_anonymous=True), hooks=(QuotaHook(),)))
+    v5, v311 = rig.connect("a"), rig.connect("b", MQTT_311)
+    rig.send(v5, Publish("$file/f/0", b"seg", qos=1, packet_id=1))
+    rig.send(v311, Publish("$file/f/0", b"seg", qos=1, packet_id=1))
+    assert rig.take(v5) == [PubAck(1, ReasonCode.QUOTA_EXCEEDED)]
+    assert rig.take(v311) == [PubAck(1)] and not v311.closed
+    assert rig.broker.counters.publish_quota_exceeded == 0  # counts full subscriber queues only
