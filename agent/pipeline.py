@@ -6,7 +6,9 @@ what is pending into records (one TelemetryRecord per device per flush, one Card
 awaits the queue's append, which returns only after the SQLite transaction committed. A record is
 accepted only then. If the queue stalls, pending readings are bounded by `max_pending`; the oldest are
 dropped and counted in `dropped_overflow` (reported, never silent). On cancellation `run` flushes what
-is pending once more, so a clean SIGTERM loses nothing.
+is pending once more, so a clean SIGTERM loses nothing. A cancel that lands while an append is with the
+store's writer does not abandon it: the flush waits for that append's outcome (committed: done; refused:
+the readings go back to pending) before it gives in, so nothing is stored twice under new seqs.
 
 Store errors: a `StoreFull` (disk full and nothing evictable) or `StoreIOError` append stored nothing;
 the readings go back in front of the pending list (still bounded by `max_pending`, oldest dropped and
@@ -231,11 +233,12 @@ class Pipeline:
                     continue
                 backoff_s = 0.0
         finally:
-            # Clean shutdown: commit what drivers already handed us. Shielded so cancellation
-            # of the owner does not abandon the final append half-way.
+            # Clean shutdown: commit what drivers already handed us. `flush` is cancel-safe (it learns
+            # the outcome of an append it started before giving in to a cancel), so a second cancel
+            # here can neither duplicate nor silently drop what it was storing.
             if self._pending or self._events:
                 try:
-                    await asyncio.shield(self.flush())
+                    await self.flush()
                 except (StoreFull, StoreIOError) as exc:
                     self.stats.dropped_overflow += len(self._pending)
                     log.error("pipeline: %d reading(s) not stored at stop: %s", len(self._pending), exc)
@@ -247,22 +250,32 @@ class Pipeline:
         events, self._events = self._events, []
         records, cards, values = self._build(items)
         records[:0] = [NewRecord("event", encode_record(e), e.ts_ns, Priority.EVENT) for e in events]
-        try:
-            await self._queue.append(records)
-        except BaseException as exc:
-            # Not committed: put the readings back in front so nothing is lost, then re-raise.
+        append = asyncio.get_running_loop().create_task(self._append(records), name="pipeline-append")
+        cancelled = await _await_outcome(append)
+        exc = append.exception()
+        if exc is not None:
+            # The queue refused: nothing of the transaction was stored. Put the readings back in front
+            # so nothing is lost, then re-raise (StoreFull/StoreIOError: the caller backs off; any other
+            # store error stops the agent).
             self._pending[:0] = items
             self._events[:0] = events
             self.stats.append_failures += 1
             if isinstance(exc, StoreFull):
                 self.stats.store_full += 1
             self._bound_pending()
-            raise
-        self.stats.records_committed += len(records)
-        self.stats.cards_committed += cards
-        self.stats.values_committed += values
-        if self._on_commit is not None:
-            self._on_commit()
+        else:
+            self.stats.records_committed += len(records)
+            self.stats.cards_committed += cards
+            self.stats.values_committed += values
+            if self._on_commit is not None:
+                self._on_commit()
+        if cancelled:
+            raise asyncio.CancelledError  # honoured now that the append's outcome is accounted for
+        if exc is not None:
+            raise exc
+
+    async def _append(self, records: list[NewRecord]) -> None:
+        await self._queue.append(records)
 
     def _build(self, items: list[Reading | CardReading]) -> tuple[list[NewRecord], int, int]:
         by_device: dict[str, list[PointValue]] = {}
@@ -300,3 +313,22 @@ class Pipeline:
             records.append(NewRecord("telemetry", encode_record(rec), ts_ns, Priority.TELEMETRY))
             values += len(pvs)
         return records, cards, values
+
+
+async def _await_outcome(task: asyncio.Task[None]) -> bool:
+    """Wait until `task` is done, even through cancellation; True if the waiter was cancelled meanwhile.
+
+    Why: once submitted, an append cannot be withdrawn; the writer thread may still commit it after our
+    await was cancelled (store_forward.facade, "Cancellation"). Treating a cancel as "not stored" and
+    flushing the readings again would store them twice under new seqs. So the append runs as its own
+    task, owned by the flush that awaits it to the end here, and a cancel is honoured only once the
+    outcome is known. The writer thread answers every job (a closed queue answers StoreClosed), so this
+    ends. `task` itself is never cancelled: only its waiter is.
+    """
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])  # cancelling this wait leaves the task running
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
