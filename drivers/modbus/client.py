@@ -417,8 +417,8 @@ class ModbusTcpClient:
             try:
                 return await fut
             finally:
-                if not fut.done():  # cancelled: its answer, if it comes, is a stray frame
-                    self._futures.pop(tid, None)
+                # still registered: nothing settled it, we were cancelled; a late answer will be a stray
+                if self._futures.pop(tid, None) is not None:
                     self._session.abandon(tid)
 
     # events from the session ----------------------------------------------------------------------
