@@ -105,14 +105,19 @@ def _build_decoder(point: ModbusPoint) -> Decoder:
     return lambda words: unpack(to_bytes(words))[0] * scale + offset
 
 
+_F32 = struct.Struct(">f")
+_SHORT_FORMATS = ("%.6g", "%.7g", "%.8g", "%.9g")  # 9 significant digits always round-trip a float32
+
+
 def _shortest_f32(raw: float, data: bytes) -> float:
     # A float32 widened to float64 prints as 1.4299999475479126; the shortest decimal that packs
     # back to the same 4 bytes (1.43) is the value the device meant, and encodes back identically.
     if not math.isfinite(raw):
         return raw
-    for digits in range(6, 10):
-        candidate = float(f"{raw:.{digits}g}")
-        if struct.pack(">f", candidate) == data:
+    pack = _F32.pack
+    for fmt in _SHORT_FORMATS:
+        candidate = float(fmt % raw)
+        if pack(candidate) == data:
             return candidate
     return raw
 
