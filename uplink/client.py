@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from uplink.backoff import Backoff
+from uplink.mqtt.errors import LocalProtocolError
 from uplink.mqtt.packets import (
     MQTT_5,
     NO_PROPERTIES,
@@ -249,7 +250,13 @@ class Uplink:
             await self._flush_from_caller()
             return 0
         await self._wait_for_room()
-        packet_id = self._session.publish(topic, payload, qos, retain, properties, now=self._clock())
+        try:
+            packet_id = self._session.publish(topic, payload, qos, retain, properties, now=self._clock())
+        except LocalProtocolError:
+            # The session refused the message (too large, QoS or retain not supported...) and took no
+            # slot: pass the slot we were granted on, or the waiters behind us stall until the next ack.
+            self._wake_room_waiters()
+            raise
         assert packet_id is not None
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._acks[packet_id] = future
