@@ -12,6 +12,7 @@ SYS_TOPICS: dict[str, str] = {
     "$SYS/broker/messages/sent": "messages_sent",
     "$SYS/broker/messages/dropped": "messages_dropped",
     "$SYS/broker/messages/dropped/qos0_congested": "qos0_dropped_congested",
+    "$SYS/broker/publish/quota_exceeded": "publish_quota_exceeded",
     "$SYS/broker/store/messages/count": "messages_queued",
     "$SYS/broker/bytes/received": "bytes_received",
     "$SYS/broker/bytes/sent": "bytes_sent",
