@@ -60,6 +60,7 @@ from store_forward.model import NewRecord, Priority, StoreError, StoreForeign
 from store_forward.policy import LanePolicy, QueueBounds
 from store_forward.salvage import SalvageReport, StoreOpener
 from uplink.client import Uplink, UplinkClosed
+from uplink.mqtt.errors import LocalProtocolError
 from uplink.mqtt.packets import NO_PROPERTIES, Properties, Publish
 from uplink.schema.commands import AgentStatus, encode_json
 from uplink.schema.records import EventRecord, encode_record
@@ -373,6 +374,7 @@ class Agent:
             encoding=cfg.uplink.encoding,
             compression=cfg.uplink.compression,
             use_properties=cfg.uplink.protocol_level == 5,
+            settle_on_no_subscribers=cfg.uplink.settle_on_no_subscribers,
             progress=forwarder_progress.mark,
         )
         pipeline = Pipeline(
@@ -647,6 +649,8 @@ class Agent:
         async for msg in uplink.inbound():
             if commands and msg.topic == command_topic:
                 self._n += 1
+                # CommandProcessor.handle is a supervisor boundary: nothing a message carries (a bad
+                # reply topic, an answer the link cannot carry) ends this task or the agent's TaskGroup.
                 self.spawn(self.processor.handle(msg), f"command-{self._n}")
             elif not self._file_response(msg):
                 log.debug("inbound: no reader for a message on %s", msg.topic)
@@ -659,13 +663,7 @@ class Agent:
         try:
             while True:
                 await uplink.wait_connected()
-                await uplink.publish(
-                    self.topics.status,
-                    await self.birth(),
-                    qos=1,
-                    retain=True,
-                    properties=self._status_props(),
-                )
+                await self._publish_status(uplink, await self.birth())
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.cfg.status.interval_s):
                         await uplink.wait_disconnected()
@@ -674,6 +672,29 @@ class Agent:
 
     def _status_props(self) -> Properties:
         return STATUS_PROPERTIES if self.cfg.uplink.protocol_level == 5 else NO_PROPERTIES
+
+    async def _publish_status(self, uplink: Uplink, payload: bytes) -> None:
+        """Publish a status message, retained where the broker keeps retained messages.
+
+        A broker announcing Retain Available = 0 gets it non-retained (the latest status is then seen
+        only by whoever is subscribed); one whose limits refuse it altogether (Maximum QoS 0, a tiny
+        Maximum Packet Size) gets nothing, with an error in the log: a status is never worth the agent.
+        """
+        session = uplink.session
+        try:
+            await uplink.publish(
+                self.topics.status,
+                payload,
+                qos=min(1, session.server_maximum_qos),
+                retain=session.server_retain_available,
+                properties=self._status_props(),
+            )
+        except UplinkClosed:
+            raise
+        except LocalProtocolError as exc:
+            log.error("status: the broker's limits refuse the status message: %s", exc)
+        except ConnectionError as exc:  # a QoS 0 write on a link that just failed: the next birth follows
+            log.warning("status: not sent, the link failed: %s", exc)
 
     async def birth(self) -> bytes:
         return encode_json(await self.status())
@@ -706,13 +727,7 @@ class Agent:
             return
         with contextlib.suppress(TimeoutError, UplinkClosed):
             async with asyncio.timeout(2):
-                await uplink.publish(
-                    self.topics.status,
-                    await self.birth(),
-                    qos=1,
-                    retain=True,
-                    properties=self._status_props(),
-                )
+                await self._publish_status(uplink, await self.birth())
 
     async def _publish_offline(self, reason: str) -> None:
         uplink = self.link.current
@@ -723,9 +738,7 @@ class Agent:
         )
         with contextlib.suppress(TimeoutError, UplinkClosed, ConnectionError):
             async with asyncio.timeout(2):
-                await uplink.publish(
-                    self.topics.status, payload, qos=1, retain=True, properties=self._status_props()
-                )
+                await self._publish_status(uplink, payload)
 
     def start_metrics(self, cfg: AgentConfig) -> None:
         if cfg.metrics.port is None:

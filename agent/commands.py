@@ -5,7 +5,9 @@ Theory of operation. `CommandProcessor.handle(msg)` is called once per PUBLISH r
 
 1. Routing: an MQTT 5 request names its Response Topic and Correlation Data as properties; an MQTT 3.1.1
    request names `reply_to` (and `correlation`) in the payload; without either the answer goes to the
-   agent's default reply topic `{prefix}/{agent}/reply`.
+   agent's default reply topic `{prefix}/{agent}/reply`. A route from the request is validated as an MQTT
+   topic name first (no wildcards, not empty, at most 65535 bytes): an invalid one is logged and the
+   answer goes to the default reply topic instead.
 2. Parsing: a payload that is not a command envelope, or names an unknown command, is answered INVALID /
    UNKNOWN_COMMAND (with whatever id could be read) and goes no further.
 3. Idempotency: the command id is the key. A re-delivered command whose answer is stored gets that answer
@@ -19,7 +21,8 @@ Theory of operation. `CommandProcessor.handle(msg)` is called once per PUBLISH r
 5. Dispatch: the handler for the command's name returns an `Outcome`; `CommandError` from it becomes its
    code and message. This is a supervisor boundary: any other exception from a handler is logged with its
    traceback and answered FAILED, because the operator must get an answer and the agent must not die of
-   one bad command.
+   one bad command. `handle` as a whole is one too (it runs as a task per message in the agent's
+   TaskGroup): an answer the link cannot carry is logged and dropped, never raised.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import CommandsSection
 from store_forward.atomic import write_atomic
+from uplink.client import UplinkClosed
+from uplink.mqtt.errors import LocalProtocolError
 from uplink.mqtt.packets import NO_PROPERTIES, Properties, Publish
+from uplink.mqtt.topics import TopicError, validate_topic_name
 from uplink.schema.commands import (
     CONTENT_TYPE_RESPONSE,
     Command,
@@ -157,11 +163,30 @@ class CommandProcessor:
     def _route(self, msg: Publish, reply_to: str | None, correlation: str | None) -> Route:
         props = msg.properties
         if props.response_topic:
-            return Route(props.response_topic, props.correlation_data, correlation)
-        return Route(reply_to or self._topics.reply, None, correlation)
+            if _publishable(props.response_topic, "Response Topic"):
+                return Route(props.response_topic, props.correlation_data, correlation)
+            # Unusable: the default reply topic, still with the requester's correlation data.
+            return Route(self._topics.reply, props.correlation_data, correlation)
+        if reply_to and _publishable(reply_to, "reply_to"):
+            return Route(reply_to, None, correlation)
+        return Route(self._topics.reply, None, correlation)  # valid: built from checked parts
 
     async def handle(self, msg: Publish) -> None:
-        """Answer one received command message (see the module docstring)."""
+        """Answer one received command message (see the module docstring); never raises but for cancel.
+
+        Supervisor boundary: this runs as one task per received message in the agent's TaskGroup, so
+        nothing a message carries may end it. An answer the link cannot carry (a reply topic the broker
+        limits refuse, a payload over its Maximum Packet Size) is logged and dropped; the link closing
+        under us drops the answer too (the operator retries; the stored answer is sent again then).
+        """
+        try:
+            await self._handle(msg)
+        except (LocalProtocolError, UplinkClosed) as exc:
+            log.warning("commands: the answer to a message on %s was not sent: %s", msg.topic, exc)
+        except Exception:  # supervisor boundary: a bug must cost one answer, not the agent
+            log.exception("commands: handling a message on %s failed", msg.topic)
+
+    async def _handle(self, msg: Publish) -> None:
         self.stats.received += 1
         try:
             cmd = decode_command(msg.payload)
@@ -277,3 +302,14 @@ class CommandProcessor:
                 correlation_data=route.correlation_data,
             )
         await self._reply(route.topic, encode_json(resp), props)
+
+
+def _publishable(topic: str, what: str) -> bool:
+    """Whether an answer may be published to `topic` (from the request: validated, never trusted)."""
+    try:
+        validate_topic_name(topic)
+    except TopicError as exc:
+        log.warning("commands: %s %r is not a topic an answer can go to (%s); answering on the default "
+                    "reply topic", what, topic[:200], exc)
+        return False
+    return True

@@ -46,6 +46,8 @@ class AgentSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 RecordClass = Literal["alarm", "event", "card", "telemetry", "bulk"]  # store_forward.model.Priority names
 MIB = 1024 * 1024
+MIN_BATCH_BYTES = 1024  # below this every lease is one record: a typo, not a tuning
+MAX_PACKET_BYTES = 268_435_455  # the largest MQTT packet (a 4-byte Remaining Length)
 
 
 class QueueSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -173,8 +175,15 @@ class UplinkSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     client_id: str | None = None  # defaults to agent.id
     topic_prefix: str = DEFAULT_PREFIX
     batch_max_records: int = 200
+    # Stored payload bytes per lease. A batch whose encoded PUBLISH is over the broker's Maximum Packet
+    # Size is split by the forwarder anyway; this bounds memory and the work redone on a refusal.
     batch_max_bytes: int = 256 * 1024
     max_inflight_batches: int = 8
+    # PUBACK 0x10 "no matching subscribers" is a success code: the broker took the message, and where
+    # the cloud ingests through rules or integrations nobody subscribes. True settles such records (the
+    # default: a store must not fill up retrying what the broker accepted). False keeps them and retries
+    # with back-off: for deployments whose only ingest is a subscriber that may be briefly away.
+    settle_on_no_subscribers: bool = True
     encoding: Literal["msgpack", "json"] = "msgpack"
     compression: Literal["none", "zstd"] = "none"
     reconnect_initial_s: float = 0.5
@@ -187,6 +196,8 @@ class UplinkSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError("keep_alive_s must be within 0..65535")
         if not 1 <= self.batch_max_records <= 10_000:
             raise ValueError("batch_max_records must be within 1..10000")
+        if not MIN_BATCH_BYTES <= self.batch_max_bytes <= MAX_PACKET_BYTES:
+            raise ValueError(f"batch_max_bytes must be within {MIN_BATCH_BYTES}..{MAX_PACKET_BYTES}")
         if not 1 <= self.max_inflight_batches <= 1024:
             raise ValueError("max_inflight_batches must be within 1..1024")
         if not re.fullmatch(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*", self.topic_prefix):
