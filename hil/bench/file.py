@@ -66,8 +66,8 @@ def _raw_server_configuration(cert_file: str, key_file: str) -> Any:
 
 async def _raw_sink(port: int, cert_file: str, key_file: str) -> None:
     """Serve until killed: count the bytes of each client stream; at its FIN answer the count."""
-    from aioquic.asyncio.server import serve
     from aioquic.asyncio.protocol import QuicConnectionProtocol
+    from aioquic.asyncio.server import serve
     from aioquic.quic import events
 
     class Sink(QuicConnectionProtocol):
@@ -151,7 +151,7 @@ async def ours_transfer_s(quic_port: int, pki: BenchPki, path: Path, work: Path,
     data = DataStreamUplink(uplink, lambda: factory.quic_link, DataStreamConfig(max_inflight=window),
                             name="files")
     settings = FilesSection(segment_size_bytes=segment_bytes, max_inflight_segments=window)
-    uploader = FileUploader(data, work / f"outbox-{round_no}.sqlite3", settings,  # type: ignore[arg-type]
+    uploader = FileUploader(data, work / f"outbox-{round_no}.sqlite3", settings,
                             owner="bench", consume_inbound=True)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(uplink.run(), name="bench-file-uplink")
