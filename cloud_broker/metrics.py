@@ -38,8 +38,8 @@ COUNTERS: dict[str, str] = {
     "messages_dropped": "Messages dropped: queue full, too large for the client, or expired",
     "qos0_dropped_congested": "QoS 0 messages dropped for congested clients",
     "publish_refused": "Publishes refused as not authorized",
-    "publish_quota_exceeded": "Publishes no subscriber could take (queues full): 0x97 at MQTT 5, a disconnect "
-    "without ack at 3.1.1",
+    "publish_quota_exceeded": "Publishes no subscriber could take (queues full): 0x97 at MQTT 5, "
+    "a disconnect without ack at 3.1.1",
     "protocol_violations": "Connections closed for a protocol violation",
     "auth_failures": "Connection attempts refused by authentication",
     "bytes_received": "Bytes received from clients",
