@@ -43,7 +43,7 @@ from agent.files.service import FileService
 from agent.files.uploader import FilesLink
 from agent.forwarder import Forwarder
 from agent.link import ActiveTransport, AgentLink, build_link
-from agent.metrics import AckHistogram, DeviceCounters, Snapshot, serve_metrics
+from agent.metrics import AckHistogram, DeviceCounters, PollStats, Snapshot, serve_metrics
 from agent.ops import Operations, RingLog
 from agent.pipeline import Pipeline
 from agent.sdnotify import Notifier
@@ -291,6 +291,7 @@ class Agent:
         self._emit_taps: list[Callable[[Reading | CardReading], None]] = []
         self._n = 0
         self.clock_steps = 0
+        self.device_polls: dict[str, PollStats] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -498,6 +499,13 @@ class Agent:
         """The drivers' wall clock: every stamp first checks for a clock step (agent.clock)."""
         return self.clock.stamp()[0]
 
+    def _poll_done(self, device: str, job: str, duration_s: float, ok: bool) -> None:
+        """A driver finished one poll (a group read or a card capture): per-device latency metrics."""
+        stats = self.device_polls.get(device)
+        if stats is None:
+            stats = self.device_polls[device] = PollStats()
+        stats.observe(duration_s, ok)
+
     def _clock_stepped(self, step: ClockStep) -> None:
         self.clock_steps += 1
         if self.pipeline is not None:
@@ -516,7 +524,7 @@ class Agent:
             devices = groups.get(key)
             if not devices:
                 continue
-            driver = ModbusDriver(devices, clock_ns=self.stamp_ns)
+            driver = ModbusDriver(devices, clock_ns=self.stamp_ns, on_job=self._poll_done)
             label = f"{key[0]}:{key[1]}" + (f":{key[2]}" if key[0] == "tcp" else "")
             task = self.spawn(driver.run(self.emit), f"driver-modbus-{label}")
             self.bus_drivers[key] = (driver, task)
@@ -807,6 +815,7 @@ class Agent:
             clock_steps=self.clock_steps,
             healthy=self.watchdog.policy.failed is None if self.watchdog else True,
             file_transfers=files,
+            device_polls=dict(self.device_polls),
         )
 
     def _quic_fallbacks(self) -> int:

@@ -26,6 +26,7 @@ REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 8192
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text exposition format
 ACK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+POLL_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -54,6 +55,32 @@ class AckHistogram:
         self.counts[i] += 1
         self.total_s += seconds
         self.n += 1
+
+
+@dataclass
+class PollStats:
+    """One device's polls (a poll-group read or a card capture): outcomes and how long they took."""
+
+    ok: int = 0
+    failed: int = 0
+    duration: AckHistogram = field(
+        default_factory=lambda: AckHistogram(POLL_BUCKETS_S, [0] * (len(POLL_BUCKETS_S) + 1))
+    )
+
+    def observe(self, duration_s: float, ok: bool) -> None:
+        if ok:
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.duration.observe(duration_s)
+
+
+def _histogram_buckets(h: AckHistogram) -> list[tuple[str, int]]:
+    cumulative, buckets = 0, []
+    for bound, count in zip((*h.buckets_s, float("inf")), h.counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return buckets
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,7 @@ class Snapshot:
     quic_migrations: int = 0
     quic_fallbacks: int = 0  # QUIC attempts that failed (handshake, blocked UDP) and fell to TCP or waited
     file_stream: str = "none"  # where file segments go: "stream" (QUIC data stream), "control", "none"
+    device_polls: dict[str, PollStats] = field(default_factory=dict)
 
 
 def families(s: Snapshot) -> Iterator[Metric]:
@@ -214,12 +242,24 @@ def families(s: Snapshot) -> Iterator[Metric]:
     ack = HistogramMetricFamily(
         p + "publish_ack_seconds", "QoS 1 publish to PUBACK, as the agent waited for it (an RTT upper bound)"
     )
-    cumulative, buckets = 0, []
-    for bound, count in zip((*s.publish_ack.buckets_s, float("inf")), s.publish_ack.counts, strict=True):
-        cumulative += count
-        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-    ack.add_metric([], buckets, s.publish_ack.total_s)
+    ack.add_metric([], _histogram_buckets(s.publish_ack), s.publish_ack.total_s)
     yield ack
+    polls = CounterMetricFamily(
+        p + "device_polls",
+        "Device polls (poll-group reads and card captures) by result",
+        labels=["device", "result"],
+    )
+    poll_s = HistogramMetricFamily(
+        p + "device_poll_seconds",
+        "Time one device poll (poll-group read or card capture) took",
+        labels=["device"],
+    )
+    for name, ps in sorted(s.device_polls.items()):
+        polls.add_metric([name, "ok"], ps.ok)
+        polls.add_metric([name, "error"], ps.failed)
+        poll_s.add_metric([name], _histogram_buckets(ps.duration), ps.duration.total_s)
+    yield polls
+    yield poll_s
     yield CounterMetricFamily(
         p + "sent_bytes", "Batch payload bytes acknowledged by the broker", value=s.bytes_published
     )

@@ -221,17 +221,21 @@ class ModbusDriver:
     """Acquires every configured device until cancelled; see the module docstring for the policy.
 
     `monotonic` and `sleep` are the time seam: tests pass a fake clock whose sleep advances it.
+    `on_job(device, job, duration_s, ok)` is told about every poll-group read and card capture (job is
+    the group name or "card"), for per-device latency and error metrics; it must not raise.
     """
 
     name = "modbus"
 
     def __init__(self, devices: Sequence[ModbusDevice], *, clock_ns: Callable[[], int] = time.time_ns,
                  monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 on_job: Callable[[str, str, float, bool], None] | None = None) -> None:
         self.devices = tuple(devices)
         self._clock_ns = clock_ns
         self._monotonic = monotonic
         self._sleep = sleep
+        self._on_job = on_job
         self._session = _Session(self.devices, clock_ns)
 
     def status(self) -> dict[str, tuple[Quality, str | None]]:
@@ -280,16 +284,20 @@ class ModbusDriver:
 
     async def _guarded_job(self, st: _DeviceState, key: str, emit: Emit) -> str | None:
         """Run one job; the failure reason when the device must be quarantined, else None."""
+        started_s = self._monotonic()
+        reason: str | None = None
         try:
             await self._run_job(st, key, emit)
         except DeviceFailed as exc:
-            return exc.reason
+            reason = exc.reason
         except Exception as exc:  # supervisor boundary: contain one device's bug, loudly
             log.exception("modbus: device %s job %s failed unexpectedly; quarantining it",
                           st.device.name, key)
             st.client.close()
-            return f"internal error: {type(exc).__name__}"
-        return None
+            reason = f"internal error: {type(exc).__name__}"
+        if self._on_job is not None:
+            self._on_job(st.device.name, key, self._monotonic() - started_s, reason is None)
+        return reason
 
     async def _run_job(self, st: _DeviceState, key: str, emit: Emit) -> None:
         if key == CARD_JOB:

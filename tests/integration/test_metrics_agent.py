@@ -66,5 +66,12 @@ async def test_metrics_are_scraped_and_report_devices_queue_link_and_sent_bytes(
         assert ("fieldgate_agent_queue_oldest_age_seconds", ()) in m
         assert m[("fieldgate_agent_info", (("agent", "well-test-1"), ("config_version", "1")))] == 1
         assert m[("fieldgate_agent_healthy", ())] == 1
+        # per-device poll outcomes and latency, from the driver's job hook
+        await wait_for(lambda: "ghost" in agent.device_polls and "well-001" in agent.device_polls)
+        _, _, body = await http_get(agent.metrics_port, "/metrics")
+        m = samples(body)
+        assert m[("fieldgate_agent_device_polls_total", (("device", "well-001"), ("result", "ok")))] > 0
+        assert m[("fieldgate_agent_device_polls_total", (("device", "ghost"), ("result", "error")))] > 0
+        assert m[("fieldgate_agent_device_poll_seconds_count", (("device", "well-001"),))] > 0
         status, _, _ = await http_get(agent.metrics_port, "/other")
         assert status.endswith("404 Not Found")
