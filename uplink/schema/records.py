@@ -212,12 +212,14 @@ class GapNotice(msgspec.Struct, frozen=True, kw_only=True):
     v: int
     agent: str
     gen: str
-    gap_id: int  # the store's id of the gap: with `gen`, the key to drop repeated notices
+    # The store's id of the gap: with `gen`, the key to drop repeated notices. A record refused as too
+    # large for the broker's Maximum Packet Size has no store gap row: its notice uses gap_id = -seq.
+    gap_id: int
     first_seq: int
     last_seq: int
     count: int  # how many of the seqs in first..last are explained by this gap
     record_class: str | None  # "alarm" | "event" | "card" | "telemetry" | "bulk"; None: unknown
-    reason: str  # "evicted" | "lost"
+    reason: str  # "evicted" (by policy) | "lost" (damage) | "too_large" (can never fit one PUBLISH)
     detail: str  # the bound that evicted (max_bytes, max_records, max_age, disk_floor, disk_full) or damage
     recorded_ns: int
 
