@@ -15,7 +15,9 @@ target p50 <= 100 ms), values lost (acquired but not committed; target 0), and f
 share of the scheduled values actually acquired (a bus that cannot keep up skips polls; a card holds
 28 scalars + 4 x 200 curve points, or 2 x 200 for the fifth of the wells without a power meter) and
 the simulator's CPU share (whether the simulator, not the agent, is the limit). The agent's CPU is also
-split by thread (event loop vs the store's writer), and BAD readings are counted by reason.
+split by thread (event loop vs the store's writer), and BAD readings are counted by reason. `--loop` picks
+the agent child's event loop (asyncio or uvloop); the simulator always runs on asyncio, so the two compare
+on the same load.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from store_forward.sqlite import SqliteQueue
 
 SIM_SEED = 1
 CHILD_TIMEOUT_S = 600.0
+LOOPS = ("asyncio", "uvloop")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +65,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-stress", action="store_true")
     p.add_argument("--profile", metavar="PREFIX", default="",
                    help="cProfile each case's agent into PREFIX.fleet and PREFIX.stress")
+    p.add_argument("--loop", choices=LOOPS, default="asyncio",
+                   help="the agent child's event loop (uvloop must be installed)")
 
 
 # -- agent child -------------------------------------------------------------------------------------
@@ -190,7 +195,7 @@ def _child(*argv: str) -> subprocess.Popen[str]:
 
 async def _case(label: str, *, wells: int, duration_s: float, scalar_interval_s: float,
                 card_interval_s: float, sim_card_interval_s: float | None = None,
-                profile: str = "") -> dict[str, Any]:
+                profile: str = "", loop: str = "asyncio") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         sim = _child("sim", str(wells), str(sim_card_interval_s or card_interval_s))
         try:
@@ -199,9 +204,10 @@ async def _case(label: str, *, wells: int, duration_s: float, scalar_interval_s:
             if not line:
                 raise RuntimeError("the simulator exited before serving")
             await asyncio.to_thread(Path(tmp, "endpoints.json").write_text, line)
-            print(f"{label}: {wells} wells served, agent running {duration_s:.0f} s", flush=True)
+            print(f"{label}: {wells} wells served, agent running {duration_s:.0f} s on {loop}", flush=True)
             agent = _child("agent", label, str(Path(tmp, "endpoints.json")), str(duration_s),
-                           str(scalar_interval_s), str(card_interval_s), str(Path(tmp, "queue.db")), profile)
+                           str(scalar_interval_s), str(card_interval_s), str(Path(tmp, "queue.db")), profile,
+                           loop)
             sim_cpu0_s, t0 = _process_cpu_s(sim.pid), time.monotonic()
             out, _ = await asyncio.to_thread(agent.communicate, timeout=CHILD_TIMEOUT_S)
             # the simulator's CPU share of one core while the agent ran (start-up included): is it the limit?
@@ -216,11 +222,11 @@ async def _case(label: str, *, wells: int, duration_s: float, scalar_interval_s:
 
 async def main(args: argparse.Namespace) -> int:
     """833-well fleet and 100-well stress: agent CPU per 1,000 values, RSS, latency, losses."""
-    out: dict[str, object] = {}
+    out: dict[str, object] = {"loop": args.loop}
     if not args.skip_fleet:
         r = await _case("fleet", wells=args.wells, duration_s=args.duration_s,
                         scalar_interval_s=args.scalar_interval_s, card_interval_s=600.0 / args.speedup,
-                        profile=args.profile and f"{args.profile}.fleet")
+                        profile=args.profile and f"{args.profile}.fleet", loop=args.loop)
         print(f"fleet: {r}", flush=True)
         out.update(wells=args.wells, values=int(r["committed"]), cpu_ms_per_1k=r["cpu_ms_per_1k"],
                    rss_mb=r["rss_mb"], p50_ms=r["p50_ms"], p99_ms=r["p99_ms"], lost=int(r["lost"]),
@@ -229,7 +235,7 @@ async def main(args: argparse.Namespace) -> int:
         # the RTUs publish a little faster than once a second, so most one-second captures find a new card
         s = await _case("stress", wells=args.stress_wells, duration_s=args.stress_duration_s,
                         scalar_interval_s=3600.0, card_interval_s=1.0, sim_card_interval_s=0.9,
-                        profile=args.profile and f"{args.profile}.stress")
+                        profile=args.profile and f"{args.profile}.stress", loop=args.loop)
         print(f"stress: {s}", flush=True)
         # what a card per well per second carries; a fifth of the simulated wells have no power meter,
         # so their cards hold 428 values, not 828
@@ -258,24 +264,36 @@ async def _serve(wells: int, card_interval_s: float) -> None:
         await site.stop()
 
 
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The agent child's event loop: None is asyncio's default; uvloop is imported only when asked for."""
+    if loop == "asyncio":
+        return None
+    if loop == "uvloop":
+        import uvloop  # optional: only the uvloop runs need it installed
+
+        return uvloop.new_event_loop
+    raise ValueError(f"unknown event loop {loop!r}; expected one of {LOOPS}")
+
+
 def _child_main(argv: list[str]) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket per well
     if argv[0] == "sim":
         asyncio.run(_serve(int(argv[1]), float(argv[2])))
         return 0
-    label, endpoints_file, duration, scalar_s, card_s, db, profile = argv[1:8]
+    label, endpoints_file, duration, scalar_s, card_s, db, profile, loop = argv[1:9]
     endpoints = [tuple(e) for e in json.loads(Path(endpoints_file).read_text())]
     run = run_agent(endpoints, duration_s=float(duration), scalar_interval_s=float(scalar_s),
                     card_interval_s=float(card_s), db_path=Path(db), label=label)
-    if profile:
-        import cProfile
+    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+        if profile:
+            import cProfile
 
-        prof = cProfile.Profile(time.thread_time)  # CPU time of the loop thread, not wall time
-        result = prof.runcall(asyncio.run, run)
-        prof.dump_stats(profile)
-    else:
-        result = asyncio.run(run)
+            prof = cProfile.Profile(time.thread_time)  # CPU time of the loop thread, not wall time
+            result = prof.runcall(runner.run, run)
+            prof.dump_stats(profile)
+        else:
+            result = runner.run(run)
     print(json.dumps(result), flush=True)
     return 0
 
