@@ -222,8 +222,9 @@ def cmd_send_file(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
-        description="Field edge agent: polls Modbus devices (incl. A11 dynamometer cards), buffers every "
-        "record durably in SQLite and forwards it to the cloud broker over MQTT, at least once.",
+        description="Field edge agent: polls Modbus TCP/RTU (incl. A11 dynamometer cards), OPC UA and serial "
+        "devices (NMEA, SLCAN/CAN), buffers every record durably in SQLite and forwards it to the cloud "
+        "broker over MQTT (QUIC or TCP/TLS), at least once; uploads watched files; obeys pushed commands.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
