@@ -84,8 +84,6 @@ class ReportByException:
         self._last: dict[tuple[str, str], tuple[object, Quality]] = {}
 
     def should_report(self, r: Reading) -> bool:
-        if not self._deadbands:
-            return True  # the common configuration: report everything, without building a key per reading
         key = (r.device, r.point)
         deadband = self._deadbands.get(key)
         if deadband is None:
@@ -189,19 +187,16 @@ class Pipeline:
                 if clock.state(item.ts_ns) == ClockState.SYNCED
                 else replace(item, clock=ClockState.UNSYNCED)
             )
-        stats = self.stats
         if isinstance(item, CardReading):
-            stats.cards_in += 1
+            self.stats.cards_in += 1
         else:
-            stats.readings_in += 1
+            self.stats.readings_in += 1
             self._count(item)
             if not self._rbe.should_report(item):
-                stats.suppressed_by_deadband += 1
+                self.stats.suppressed_by_deadband += 1
                 return
-        pending = self._pending
-        pending.append(item)
-        if len(pending) > self._max_pending:
-            self._bound_pending()
+        self._pending.append(item)
+        self._bound_pending()
 
     def _bound_pending(self) -> None:
         if len(self._pending) > self._max_pending:
@@ -284,7 +279,7 @@ class Pipeline:
 
     def _build(self, items: list[Reading | CardReading]) -> tuple[list[NewRecord], int, int]:
         by_device: dict[str, list[PointValue]] = {}
-        clock_of: dict[str, ClockState] = {}
+        clock_of: dict[str, str] = {}
         records: list[NewRecord] = []
         cards = values = 0
         now_ns = self._clock_ns()
@@ -308,15 +303,13 @@ class Pipeline:
                 cards += 1
                 values += card.value_count
             else:
-                device = item.device
-                pvs = by_device.get(device)
-                if pvs is None:
-                    pvs = by_device[device] = []
-                pvs.append(PointValue(item.point, item.value, str(item.quality), item.ts_ns, item.reason))
-                clock_of[device] = item.clock
+                by_device.setdefault(item.device, []).append(
+                    PointValue(item.point, item.value, str(item.quality), item.ts_ns, item.reason)
+                )
+                clock_of[item.device] = str(item.clock)
         for device, pvs in by_device.items():
-            rec = TelemetryRecord(device, pvs, str(clock_of[device]))
-            ts_ns = max([pv.ts_ns for pv in pvs])
+            rec = TelemetryRecord(device, pvs, clock_of[device])
+            ts_ns = max(pv.ts_ns for pv in pvs)
             records.append(NewRecord("telemetry", encode_record(rec), ts_ns, Priority.TELEMETRY))
             values += len(pvs)
         return records, cards, values

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from drivers.base import CardReading, Quality, Value
 from drivers.modbus.config import ModbusDevice, ModbusPoint, Table, modicon_to_pdu
-from drivers.modbus.decode import decoder
+from drivers.modbus.decode import decode
 from drivers.modbus.planner import DeviceLimits, plan_spans
 
 Reader = Callable[[Table, int, int], Awaitable[Sequence[int]]]
@@ -157,7 +157,7 @@ async def _read_plan(image: _Image, reader: Reader, plan: tuple[tuple[int, int],
 class _Layout:
     """Where a device's card lives, worked out once per (points, card) configuration."""
 
-    __slots__ = ("curve_starts", "curves", "header", "n_pdu", "scalar_decoders", "scalars", "time_pdu")
+    __slots__ = ("curve_starts", "curves", "header", "n_pdu", "scalars", "time_pdu")
 
     def __init__(self, device: ModbusDevice) -> None:
         spec = device.card
@@ -168,7 +168,6 @@ class _Layout:
                 raise ValueError(f"card scalar {p.name} is not a holding register")
         self.time_pdu, self.n_pdu = _pdu(spec.acquisition_time_register), _pdu(spec.n_points_register)
         self.scalars = tuple((p, p.location()[1], p.register_count()) for p in scalar_points)
-        self.scalar_decoders = tuple((p.name, start, count, decoder(p)) for p, start, count in self.scalars)
         self.header = ((self.time_pdu, TIME_WORDS), (self.n_pdu, 1),
                        *((start, count) for _, start, count in self.scalars))
         self.curves = {name: (_pdu(start), scale) for name, (start, scale) in spec.curves().items()}
@@ -219,9 +218,8 @@ async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callab
         await _read_plan(image, reader, header_plan)
         time_words = image.get(time_pdu, TIME_WORDS)
         (n,) = image.get(layout.n_pdu, 1)
-        # image.get returns exactly `count` words, so each point's prebuilt decoder takes them directly
-        scalars: dict[str, Value] = {name: fn(image.get(start, count))
-                                     for name, start, count, fn in layout.scalar_decoders}
+        scalars: dict[str, Value] = {p.name: decode(p, image.get(start, count))
+                                     for p, start, count in layout.scalars}
         if n == 0:
             return None
         if n > spec.max_points:

@@ -94,18 +94,9 @@ def _build_decoder(point: ModbusPoint) -> Decoder:
     unpack = struct.Struct(">" + _STRUCT[t]).unpack
     scale, offset = point.scale, point.offset
     if t == "f32":
-        isfinite, pack_f32, formats = math.isfinite, _F32.pack, _SHORT_FORMATS
-
         def f32(words: Sequence[int] | Sequence[bool]) -> Value:
-            # _shortest_f32 inlined: this is the hot path of every scalar poll
             data = to_bytes(words)
-            raw: float = unpack(data)[0]
-            if isfinite(raw):
-                for fmt in formats:
-                    candidate = float(fmt % raw)
-                    if pack_f32(candidate) == data:
-                        return candidate * scale + offset
-            return raw * scale + offset
+            return _shortest_f32(unpack(data)[0], data) * scale + offset
         return f32
     if t == "f64":
         return lambda words: unpack(to_bytes(words))[0] * scale + offset

@@ -34,7 +34,7 @@ from drivers.base import CardReading, Emit, Quality, Reading, Value
 from drivers.modbus.card import capture_card
 from drivers.modbus.client import ModbusClient, ModbusError, ModbusRtuClient, ModbusTcpClient
 from drivers.modbus.config import ModbusDevice, ModbusPoint, Table, modicon_to_pdu
-from drivers.modbus.decode import Decoder, decode, decoder, encode
+from drivers.modbus.decode import decode, encode
 from drivers.modbus.planner import DeviceLimits, ReadBlock, learn_illegal_address, learn_max_count, plan_reads
 from drivers.scheduling import Backoff, Schedule
 
@@ -151,20 +151,10 @@ class _Session:
                         for p in block.points]
                 continue
             now = self.clock_ns()
-            if len(words) != block.count:  # a client that let a short answer through: say so per point
-                base = block.start
-                for p in block.points:
-                    start = p.location()[1] - base
-                    out.append(_decoded(device_name, p, words[start:start + p.register_count()], now))
-                continue
-            for name, lo, hi, fn in _slices(block):
-                # the common case inline: one decoder call and one Reading per point, nothing looked up
-                try:
-                    value = fn(words[lo:hi])
-                except (ValueError, UnicodeDecodeError) as exc:
-                    out.append(Reading(device_name, name, None, Quality.BAD, now, reason=f"decode: {exc}"))
-                else:
-                    out.append(Reading(device_name, name, value, Quality.GOOD, now))
+            base = block.start
+            for p in block.points:
+                start = p.location()[1] - base
+                out.append(_decoded(device_name, p, words[start:start + p.register_count()], now))
         return out
 
     @staticmethod
@@ -217,27 +207,6 @@ class _Session:
         now = self.clock_ns()
         return [Reading(st.device.name, p.name, None, Quality.BAD, now, reason=reason)
                 for p in st.device.points]
-
-
-_Slice = tuple[str, int, int, Decoder]
-# id(block) -> (block, where each point's words sit and its decoder); the identity check makes a recycled
-# id harmless. Plans live as long as the device's state, so this is built once per block, not per poll.
-_SLICES: dict[int, tuple[ReadBlock, tuple[_Slice, ...]]] = {}
-
-
-def _slices(block: ReadBlock) -> tuple[_Slice, ...]:
-    """(point name, first word, end word, decoder) of every point of the block, in block order."""
-    hit = _SLICES.get(id(block))
-    if hit is not None and hit[0] is block:
-        return hit[1]
-    out = []
-    for p in block.points:
-        lo = p.location()[1] - block.start
-        out.append((p.name, lo, lo + p.register_count(), decoder(p)))
-    if len(_SLICES) >= 65536:
-        _SLICES.clear()  # plans come and go with reloads and learned limits
-    _SLICES[id(block)] = (block, tuple(out))
-    return _SLICES[id(block)][1]
 
 
 def _decoded(device: str, p: ModbusPoint, words: Sequence[int] | Sequence[bool], now_ns: int) -> Reading:
