@@ -39,7 +39,7 @@ from store_forward.sqlite import SqliteQueue
 from uplink.client import Uplink, UplinkConfig
 from uplink.mqtt.packets import Publish
 from uplink.schema.commands import AgentStatus
-from uplink.schema.records import CardRecord, decode_batch
+from uplink.schema.records import CardRecord, decode_batch, decode_gap
 from uplink.schema.topics import AgentTopics, all_data_filter, parse_data_topic
 
 BIN = Path(sys.executable).parent
@@ -56,9 +56,19 @@ class Tally:
     latencies_ms: list[float] = field(default_factory=list)
     batches: int = 0
     undecodable: int = 0
+    gap_seqs: set[tuple[str, int]] = field(default_factory=set)  # announced as evicted/lost/too large
 
     def add(self, msg: Publish) -> None:
-        if parse_data_topic(msg.topic) is None:
+        parsed = parse_data_topic(msg.topic)
+        if parsed is None:
+            return
+        if parsed[1] == "gap":
+            try:
+                gap = decode_gap(msg.payload)
+            except (msgspec.DecodeError, ValueError):
+                self.undecodable += 1
+                return
+            self.gap_seqs.update((gap.gen, seq) for seq in range(gap.first_seq, gap.last_seq + 1))
             return
         now_ns = time.time_ns()
         try:
@@ -318,7 +328,10 @@ async def _run(args: argparse.Namespace, workdir: Path, procs: Procs) -> int:
     committed = stats.next_seq - 1  # a fresh store numbers its records 1..next_seq-1
     delivered = len(tally.seen)
     remaining = stats.depth
-    lost = committed - delivered - remaining
+    announced = len(tally.gap_seqs - tally.seen)  # evicted by policy and said so: not silent loss
+    lost = committed - delivered - remaining - announced
+    if announced:
+        _say(f"demo: {announced} record(s) announced as gaps (evicted by policy, not silent loss)")
     if remaining:
         _say(f"demo: {remaining} record(s) still queued durably on the agent (not lost; sent on next start)")
     if tally.undecodable:
