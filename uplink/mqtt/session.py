@@ -140,6 +140,63 @@ class SessionState(enum.Enum):
     CONNECTED = "connected"
 
 
+def check_publish(topic: str, qos: int, retain: bool, properties: Properties, *, maximum_qos: int,
+                  retain_available: bool, alias_rule: str) -> None:
+    """The checks every outbound PUBLISH passes before it touches session state (control or data stream).
+
+    `alias_rule` is the message for a caller who set Topic Alias itself (each session owns aliasing).
+    """
+    if qos not in (0, 1, 2):
+        raise LocalProtocolError(f"qos must be 0, 1 or 2, got {qos}")
+    if qos > maximum_qos:
+        raise LocalProtocolError(
+            f"qos {qos} exceeds the server's Maximum QoS {maximum_qos}", ReasonCode.QOS_NOT_SUPPORTED
+        )
+    if retain and not retain_available:
+        raise LocalProtocolError(
+            "the server does not support retained messages", ReasonCode.RETAIN_NOT_SUPPORTED
+        )
+    if properties.topic_alias is not None:
+        raise LocalProtocolError(alias_rule)
+    try:
+        topics.validate_topic_name(topic)
+    except topics.TopicError as exc:
+        raise LocalProtocolError(str(exc), exc.reason_code) from exc
+
+
+def validate_filter(flt: str) -> None:
+    """A topic filter we may send; LocalProtocolError with the MQTT reason code otherwise."""
+    try:
+        topics.validate_topic_filter(flt)
+    except topics.TopicError as exc:
+        raise LocalProtocolError(str(exc), exc.reason_code) from exc
+
+
+def checked_subscriptions(
+    subscriptions: Sequence[Subscription | tuple[str, int]],
+) -> tuple[Subscription, ...]:
+    """SUBSCRIBE entries as `Subscription`s, each filter and QoS checked; at least one."""
+    subs = tuple(s if isinstance(s, Subscription) else Subscription(s[0], s[1]) for s in subscriptions)
+    if not subs:
+        raise LocalProtocolError("SUBSCRIBE needs at least one topic filter")
+    for sub in subs:
+        validate_filter(sub.topic_filter)
+        if sub.qos not in (0, 1, 2):
+            raise LocalProtocolError(f"subscription qos must be 0, 1 or 2, got {sub.qos}")
+    return subs
+
+
+def checked_filters(filters: Sequence[str]) -> tuple[str, ...]:
+    """UNSUBSCRIBE filters, checked; a non-empty sequence (a lone string is refused, not iterated)."""
+    if isinstance(filters, str):
+        raise LocalProtocolError("unsubscribe takes a sequence of filters, not one string")
+    if not filters:
+        raise LocalProtocolError("UNSUBSCRIBE needs at least one topic filter")
+    for flt in filters:
+        validate_filter(flt)
+    return tuple(filters)
+
+
 class NotConnectedError(LocalProtocolError):
     """The session has no accepted connection: wait for `Connected`, then retry."""
 
@@ -441,22 +498,9 @@ class ClientSession:
         if now is not None:
             self._tick(now)
         self._require_connected()
-        if qos not in (0, 1, 2):
-            raise LocalProtocolError(f"qos must be 0, 1 or 2, got {qos}")
-        if qos > self.server_maximum_qos:
-            raise LocalProtocolError(
-                f"qos {qos} exceeds the server's Maximum QoS {self.server_maximum_qos}",
-                ReasonCode.QOS_NOT_SUPPORTED,
-            )
-        if retain and not self.server_retain_available:
-            raise LocalProtocolError("the server does not support retained messages",
-                                     ReasonCode.RETAIN_NOT_SUPPORTED)
-        if properties.topic_alias is not None:
-            raise LocalProtocolError("topic aliases are managed by the session; do not set topic_alias")
-        try:
-            topics.validate_topic_name(topic)
-        except topics.TopicError as exc:
-            raise LocalProtocolError(str(exc), exc.reason_code) from exc
+        check_publish(topic, qos, retain, properties, maximum_qos=self.server_maximum_qos,
+                      retain_available=self.server_retain_available,
+                      alias_rule="topic aliases are managed by the session; do not set topic_alias")
         if qos == 0:
             self._send_publish(Publish(topic, payload, 0, retain, properties=properties))
             return None
@@ -486,13 +530,7 @@ class ClientSession:
         if now is not None:
             self._tick(now)
         self._require_connected()
-        subs = tuple(s if isinstance(s, Subscription) else Subscription(s[0], s[1]) for s in subscriptions)
-        if not subs:
-            raise LocalProtocolError("SUBSCRIBE needs at least one topic filter")
-        for sub in subs:
-            self._validate_filter(sub.topic_filter)
-            if sub.qos not in (0, 1, 2):
-                raise LocalProtocolError(f"subscription qos must be 0, 1 or 2, got {sub.qos}")
+        subs = checked_subscriptions(subscriptions)
         packet_id = self._allocate_packet_id()
         self._send(Subscribe(packet_id, subs, properties))
         self._pending_subscribe[packet_id] = len(subs)
@@ -505,14 +543,9 @@ class ClientSession:
         if now is not None:
             self._tick(now)
         self._require_connected()
-        if isinstance(filters, str):
-            raise LocalProtocolError("unsubscribe takes a sequence of filters, not one string")
-        if not filters:
-            raise LocalProtocolError("UNSUBSCRIBE needs at least one topic filter")
-        for flt in filters:
-            self._validate_filter(flt)
+        filters = checked_filters(filters)
         packet_id = self._allocate_packet_id()
-        self._send(Unsubscribe(packet_id, tuple(filters), properties))
+        self._send(Unsubscribe(packet_id, filters, properties))
         self._pending_unsubscribe[packet_id] = len(filters)
         return packet_id
 
@@ -697,13 +730,6 @@ class ClientSession:
     def _tick(self, now: float) -> None:
         # Monotonic input; keep the largest so a stale `now` never moves time backwards.
         self._now_s = max(self._now_s, now)
-
-    @staticmethod
-    def _validate_filter(flt: str) -> None:
-        try:
-            topics.validate_topic_filter(flt)
-        except topics.TopicError as exc:
-            raise LocalProtocolError(str(exc), exc.reason_code) from exc
 
     def _link_open(self) -> bool:
         return self.state is not SessionState.DISCONNECTED

@@ -50,7 +50,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from uplink.mqtt import topics
 from uplink.mqtt.codec import Decoder, encode, encode_publish
 from uplink.mqtt.errors import LocalProtocolError, RemoteProtocolError
 from uplink.mqtt.packets import (
@@ -82,6 +81,9 @@ from uplink.mqtt.session import (
     PublishAcked,
     Subscribed,
     Unsubscribed,
+    check_publish,
+    checked_filters,
+    checked_subscriptions,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,20 +323,9 @@ class DataStreamSession:
         NotConnectedError (not attached), InflightWindowFull, LocalProtocolError (never sendable)."""
         if not self.attached:
             raise NotConnectedError("data stream not attached")
-        if qos not in (0, 1, 2):
-            raise LocalProtocolError(f"qos must be 0, 1 or 2, got {qos}")
-        if qos > self.limits.maximum_qos:
-            raise LocalProtocolError(f"qos {qos} exceeds the server's Maximum QoS {self.limits.maximum_qos}",
-                                     ReasonCode.QOS_NOT_SUPPORTED)
-        if retain and not self.limits.retain_available:
-            raise LocalProtocolError("the server does not support retained messages",
-                                     ReasonCode.RETAIN_NOT_SUPPORTED)
-        if properties.topic_alias is not None:
-            raise LocalProtocolError("data streams send full topics; do not set topic_alias")
-        try:
-            topics.validate_topic_name(topic)
-        except topics.TopicError as exc:
-            raise LocalProtocolError(str(exc), exc.reason_code) from exc
+        check_publish(topic, qos, retain, properties, maximum_qos=self.limits.maximum_qos,
+                      retain_available=self.limits.retain_available,
+                      alias_rule="data streams send full topics; do not set topic_alias")
         if qos == 0:
             self._send_publish(Publish(topic, payload, 0, retain, properties=properties))
             return None
@@ -352,13 +343,7 @@ class DataStreamSession:
         """Queue a SUBSCRIBE on this stream (deliveries for it arrive here); matched by `Subscribed`."""
         if not self.attached:
             raise NotConnectedError("data stream not attached")
-        subs = tuple(s if isinstance(s, Subscription) else Subscription(s[0], s[1]) for s in subscriptions)
-        if not subs:
-            raise LocalProtocolError("SUBSCRIBE needs at least one topic filter")
-        for sub in subs:
-            _validate_filter(sub.topic_filter)
-            if sub.qos not in (0, 1, 2):
-                raise LocalProtocolError(f"subscription qos must be 0, 1 or 2, got {sub.qos}")
+        subs = checked_subscriptions(subscriptions)
         packet_id = self._allocate_packet_id()
         packet = Subscribe(packet_id, subs, properties)
         self._send(packet)
@@ -369,12 +354,9 @@ class DataStreamSession:
         """Queue an UNSUBSCRIBE; the filters are forgotten at once (never re-issued on a new stream)."""
         if not self.attached:
             raise NotConnectedError("data stream not attached")
-        if isinstance(filters, str) or not filters:
-            raise LocalProtocolError("UNSUBSCRIBE needs a non-empty sequence of topic filters")
-        for flt in filters:
-            _validate_filter(flt)
+        filters = checked_filters(filters)
         packet_id = self._allocate_packet_id()
-        packet = Unsubscribe(packet_id, tuple(filters), properties)
+        packet = Unsubscribe(packet_id, filters, properties)
         self._send(packet)
         self._requests[packet_id] = _Request(packet)
         for flt in filters:
@@ -547,9 +529,3 @@ class DataStreamSession:
                 return candidate
         raise InflightWindowFull("all 65535 packet identifiers are in use on this connection")
 
-
-def _validate_filter(flt: str) -> None:
-    try:
-        topics.validate_topic_filter(flt)
-    except topics.TopicError as exc:
-        raise LocalProtocolError(str(exc), exc.reason_code) from exc
