@@ -54,7 +54,7 @@ class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """One bound socket. TLS settings apply to kinds "tls" and "wss" (and "quic", which needs a cert)."""
 
     kind: Literal["tcp", "tls", "ws", "wss", "quic"] = "tcp"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless configured: exposing the broker is a deliberate choice
     port: int = 1883
     cert_file: str | None = None  # PEM server certificate chain
     key_file: str | None = None  # PEM private key

@@ -123,7 +123,7 @@ class QuicListenerConfig:
 
     cert_file: str
     key_file: str
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = DEFAULT_QUIC_PORT
     key_password: str | None = None
     client_ca_file: str | None = None  # set: client certificates are requested and verified against it
