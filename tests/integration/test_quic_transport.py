@@ -265,9 +265,10 @@ async def test_deliveries_go_to_the_stream_that_subscribed_and_their_acks_are_ta
     assert on_data.packet_id is not None and on_ctrl.packet_id is not None
     await data.send(PubAck(on_data.packet_id))
     await ctrl.send(PubAck(on_ctrl.packet_id))
-    await asyncio.sleep(0.2)
     session = broker.broker.session("sub-streams")
-    assert session is not None and not session.inflight
+    assert session is not None
+    # both acks, each on its own stream, settle their deliveries
+    await eventually(lambda: not session.inflight, 5.0, "deliveries settled")
     await publisher.close()
     await link.close()
 
