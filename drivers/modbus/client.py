@@ -455,20 +455,34 @@ class ModbusTcpClient:
             self._arm(upcoming)
 
 
-class _MbapProtocol(asyncio.Protocol):
-    """Moves bytes between the transport and the client's session; holds no Modbus logic."""
+# Bytes one socket read may take. A response is at most 260 bytes (MBAP header + 253-byte PDU); more
+# than that arrives only with several requests outstanding, and the rest is read on the next pass.
+_RX_BUFFER_BYTES = 4096
+
+
+class _MbapProtocol(asyncio.BufferedProtocol):
+    """Moves bytes between the transport and the client's session; holds no Modbus logic.
+
+    A buffered protocol: the loop reads into our small buffer (recv_into). A plain Protocol gets a
+    fresh `recv(256 KiB)` per read, which glibc serves with mmap + mremap + munmap and a page fault:
+    measured ~14 us of system time per response on this machine, a quarter of a request's cost.
+    """
 
     def __init__(self, client: ModbusTcpClient) -> None:
         self._client = client
         self._transport: asyncio.BaseTransport | None = None
+        self._buffer = memoryview(bytearray(_RX_BUFFER_BYTES))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # asyncio sets TCP_NODELAY on it: each request leaves at once
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         client = self._client
         if self._transport is client._transport:
-            client._dispatch(client._session.receive_data(data))
+            client._dispatch(client._session.receive_data(bytes(self._buffer[:nbytes])))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
