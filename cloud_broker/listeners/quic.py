@@ -76,6 +76,7 @@ from aioquic.quic.packet import QuicErrorCode, QuicProtocolVersion
 from aioquic.tls import AlertBadCertificate, CipherSuite, SessionTicket, verify_certificate
 
 from cloud_broker.listeners.base import ConnectionHub
+from cloud_broker.listeners.udp import BatchedDatagramTransport
 from uplink.mqtt.codec import Decoder, encode
 from uplink.mqtt.errors import ProtocolError
 from uplink.mqtt.packets import (
@@ -375,7 +376,15 @@ class _MqttQuicProtocol(QuicConnectionProtocol):
                 self._process_events()
                 self.transmit()
             return
-        super().datagram_received(data, addr)
+        # aioquic's own datagram_received also transmits; we leave that to the end of the batch
+        # (`batch_done`), so one ACK and one flight of answers cover every datagram of a wake-up.
+        self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+        self._process_events()
+        self._listener.flush_later(self)
+
+    def batch_done(self) -> None:
+        """The end of a receive batch that carried datagrams for us: send, then check our state."""
+        self.transmit()
         if self._congested:
             self._check_congestion()
         self._maybe_finish_close()
@@ -1025,6 +1034,18 @@ class _Sink:
         self._protocol.resume()
 
 
+class _BatchingQuicServer(QuicServer):
+    """aioquic's server (connection-id routing, retry, version negotiation) fed by our batched UDP
+    transport: at the end of each receive batch the listener flushes the connections it touched."""
+
+    def __init__(self, listener: QuicListener, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._listener = listener
+
+    def batch_done(self) -> None:
+        self._listener.batch_done()
+
+
 class QuicListener:
     """A bound QUIC listener serving MQTT into a hub (a `BoundListener`). Create with `start`."""
 
@@ -1043,6 +1064,17 @@ class QuicListener:
         self._all: set[_MqttQuicProtocol] = set()  # every QUIC connection not yet terminated
         self.host = config.host
         self.port = config.port
+        self._touched: dict[_MqttQuicProtocol, None] = {}  # insertion-ordered set
+        self.transport: BatchedDatagramTransport | None = None
+
+    def flush_later(self, protocol: _MqttQuicProtocol) -> None:
+        """protocol received datagrams in the current batch: flush it once at the batch's end."""
+        self._touched[protocol] = None
+
+    def batch_done(self) -> None:
+        touched, self._touched = self._touched, {}
+        for protocol in touched:
+            protocol.batch_done()
 
     @property
     def connection_count(self) -> int:
@@ -1134,12 +1166,10 @@ async def start_quic_listener(hub: ConnectionHub, config: QuicListenerConfig) ->
     if not infos:
         raise OSError(f"QUIC listener: cannot resolve {config.host}")
     family, _, _, _, addr = infos[0]
-    transport, server = await loop.create_datagram_endpoint(
-        lambda: QuicServer(configuration=configuration, create_protocol=create_protocol),
-        sock=_udp_socket(family, addr, config.socket_buffer_bytes),
-    )
-    assert isinstance(server, QuicServer)
+    server = _BatchingQuicServer(listener, configuration=configuration, create_protocol=create_protocol)
+    transport = BatchedDatagramTransport(loop, _udp_socket(family, addr, config.socket_buffer_bytes), server)
     listener.server = server
+    listener.transport = transport
     sockname = transport.get_extra_info("sockname")
     listener.host, listener.port = str(sockname[0]), int(sockname[1])
     listener.addresses.append((listener.host, listener.port))

@@ -8,15 +8,18 @@ pipelined QoS 1 publishes, async fin answered on `$file-response/...`) running o
 the start of the upload (whole-file SHA-256 included) to the cloud's fin verdict (assembly, SHA-256
 check and export included): what a user waits for.
 
-Raw: the physical minimum of the same stack - a bare aioquic client writes the same bytes on one
-stream to a bare aioquic sink server (its own process, same certificate, same flow-control windows
-as our listener) that answers when it has read them all. No MQTT, no TLS session reuse, nothing on
-disk.
+Raw: the same stack without us - a bare aioquic client writes the same bytes on one stream to a bare
+aioquic sink server (its own process, same certificate, same flow-control windows as our listener)
+that answers when it has read them all. No MQTT, no TLS session reuse, nothing on disk. Two sinks:
+  * stock: aioquic's own asyncio server, as anyone would write it (the issue's baseline);
+  * batched: the same sink on the broker's batched UDP transport (cloud_broker.listeners.udp), i.e.
+    the receive path our listener uses - what is left of the gap then is MQTT, file transfer and disk.
 
-    bench file: size_mb=100 ours_mb_s=... raw_quic_mb_s=... ratio=...
+    bench file: size_mb=100 ours_mb_s=... raw_quic_mb_s=... ratio=... raw_batched_mb_s=... ratio_same_io=...
 
-ratio = ours_mb_s / raw_quic_mb_s (target >= 0.7). Rounds alternate raw/ours (`--rounds`); the line
-reports the median of per-round ratios, every round is printed too.
+ratio = ours_mb_s / raw_quic_mb_s (target >= 0.7); ratio_same_io = ours_mb_s / raw_batched_mb_s. Each
+round runs stock, batched, ours (`--rounds`); the line reports medians of the per-round ratios, every
+round is printed too. The receiver is the bottleneck on this stack (its CPU is busy the whole transfer).
 """
 
 from __future__ import annotations
@@ -64,11 +67,21 @@ def _raw_server_configuration(cert_file: str, key_file: str) -> Any:
     return configuration
 
 
-async def _raw_sink(port: int, cert_file: str, key_file: str) -> None:
-    """Serve until killed: count the bytes of each client stream; at its FIN answer the count."""
+async def _raw_sink(port: int, cert_file: str, key_file: str, io: str) -> None:
+    """Serve until killed: count the bytes of each client stream; at its FIN answer the count.
+
+    io "stock": aioquic's own asyncio server (one datagram per wake-up, a transmit after each).
+    io "batched": the same server on the broker's batched UDP transport
+    (cloud_broker.listeners.udp), flushing once per receive batch as the broker's listener does."""
+    import socket
+
     from aioquic.asyncio.protocol import QuicConnectionProtocol
-    from aioquic.asyncio.server import serve
+    from aioquic.asyncio.server import QuicServer, serve
     from aioquic.quic import events
+
+    from cloud_broker.listeners.udp import BatchedDatagramTransport
+
+    touched: dict[Sink, None] = {}
 
     class Sink(QuicConnectionProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -83,17 +96,35 @@ async def _raw_sink(port: int, cert_file: str, key_file: str) -> None:
                     self._quic.send_stream_data(event.stream_id, b"%d" % total, end_stream=True)
                     self.transmit()
 
-    await serve("127.0.0.1", port, configuration=_raw_server_configuration(cert_file, key_file),
-                create_protocol=Sink)
+    class BatchedSink(Sink):
+        def datagram_received(self, data: bytes | str, addr: Any) -> None:
+            self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+            self._process_events()
+            touched[self] = None
+
+    class BatchedServer(QuicServer):
+        def batch_done(self) -> None:
+            for protocol in list(touched):
+                protocol.transmit()
+            touched.clear()
+
+    configuration = _raw_server_configuration(cert_file, key_file)
+    if io == "batched":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", port))
+        BatchedDatagramTransport(asyncio.get_running_loop(), sock,
+                                 BatchedServer(configuration=configuration, create_protocol=BatchedSink))
+    else:
+        await serve("127.0.0.1", port, configuration=configuration, create_protocol=Sink)
     print("raw sink: listening", flush=True)
     await asyncio.Event().wait()
 
 
 @contextlib.asynccontextmanager
-async def raw_sink_process(pki: BenchPki) -> AsyncIterator[int]:
+async def raw_sink_process(pki: BenchPki, io: str = "stock") -> AsyncIterator[int]:
     port = free_port("udp")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hil.bench.file", "--raw-sink", str(port), pki.cert_file, pki.key_file,
+        sys.executable, "-m", "hil.bench.file", "--raw-sink", str(port), pki.cert_file, pki.key_file, io,
         stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
@@ -185,31 +216,40 @@ async def main(args: argparse.Namespace) -> int:
         await asyncio.to_thread(path.write_bytes, payload)
         fsync = "false" if args.no_fsync else "true"
         ratios: list[float] = []
+        same_io: list[float] = []
         ours_all: list[float] = []
         raw_all: list[float] = []
+        batched_all: list[float] = []
         async with (start_broker_process(
                 pki, work, top_toml=f"data_dir = \"{work / 'broker'}\"\n",
                 sections_toml=f"[file_transfer]\nenable = true\nfsync = {fsync}\n") as ports,
-                raw_sink_process(pki) as raw_port):
+                raw_sink_process(pki, "stock") as raw_port,
+                raw_sink_process(pki, "batched") as batched_port):
             for n in range(args.rounds):
                 raw_s = await raw_transfer_s(raw_port, pki, payload)
+                batched_s = await raw_transfer_s(batched_port, pki, payload)
                 ours_s = await ours_transfer_s(ports.quic, pki, path, work, segment_bytes, args.window,
                                                args.timeout_s, n)
                 raw_all.append(size / MIB / raw_s)
+                batched_all.append(size / MIB / batched_s)
                 ours_all.append(size / MIB / ours_s)
                 ratios.append(raw_s / ours_s)
+                same_io.append(batched_s / ours_s)
                 print(f"bench file: round={n + 1} ours_s={ours_s:.2f} raw_quic_s={raw_s:.2f} "
-                      f"ratio={raw_s / ours_s:.2f}", flush=True)
+                      f"raw_batched_s={batched_s:.2f} ratio={raw_s / ours_s:.2f} "
+                      f"ratio_same_io={batched_s / ours_s:.2f}", flush=True)
         print(f"bench file: size_mb={args.size_mb} ours_mb_s={statistics.median(ours_all):.1f} "
               f"raw_quic_mb_s={statistics.median(raw_all):.1f} ratio={statistics.median(ratios):.2f} "
+              f"raw_batched_mb_s={statistics.median(batched_all):.1f} "
+              f"ratio_same_io={statistics.median(same_io):.2f} "
               f"segment_kib={args.segment_kib} window={args.window} fsync={fsync}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--raw-sink":
+    if len(sys.argv) == 6 and sys.argv[1] == "--raw-sink":
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_raw_sink(int(sys.argv[2]), sys.argv[3], sys.argv[4]))
+            asyncio.run(_raw_sink(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]))
         sys.exit(0)
     _parser = argparse.ArgumentParser(prog="bench-file")
     add_args(_parser)

@@ -1,0 +1,118 @@
+"""The QUIC listener's batched UDP transport: every datagram delivered in order, one flush per batch."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+from cloud_broker.listeners.udp import BatchedDatagramTransport
+from tests.integration.quic_support import eventually, make_pki, start_broker
+from uplink.mqtt.codec import Decoder, encode
+from uplink.mqtt.packets import MQTT_5, ConnAck, Connect
+from uplink.quic import QuicSettings, open_quic
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.events: list[tuple[str, Any]] = []
+        self.lost = asyncio.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.events.append(("datagram", data))
+
+    def error_received(self, exc: OSError) -> None:
+        self.events.append(("error", exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+    def batch_done(self) -> None:
+        self.events.append(("batch_done", None))
+
+    def datagrams(self) -> list[bytes]:
+        return [data for kind, data in self.events if kind == "datagram"]
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+async def test_queued_datagrams_arrive_in_order_in_batches_each_closed_by_one_batch_done() -> None:
+    recorder = _Recorder()
+    transport = BatchedDatagramTransport(asyncio.get_running_loop(), _bound_socket(), recorder, max_batch=4)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        address = transport.get_extra_info("sockname")
+        sent = [b"datagram %d" % n for n in range(10)]
+        for data in sent:  # all queued in the kernel before the loop gets to read any
+            peer.sendto(data, address)
+        await eventually(lambda: len(recorder.datagrams()) == len(sent), 5.0, "all datagrams")
+        assert recorder.datagrams() == sent
+        kinds = [kind for kind, _ in recorder.events]
+        # At most 4 datagrams between two flushes, and the last datagram is followed by one.
+        runs = "".join("d" if kind == "datagram" else "|" for kind in kinds).split("|")
+        assert all(len(run) <= 4 for run in runs)
+        assert kinds[-1] == "batch_done"
+        assert "" not in runs[:-1]  # never a flush without datagrams before it
+        assert transport.datagrams == len(sent) and transport.batches == kinds.count("batch_done") >= 3
+    finally:
+        peer.close()
+        transport.close()
+    await asyncio.wait_for(recorder.lost.wait(), 5.0)
+    assert transport.is_closing()
+
+
+async def test_sendto_reaches_the_peer_and_nothing_is_sent_or_read_after_close() -> None:
+    recorder = _Recorder()
+    sock = _bound_socket()
+    transport = BatchedDatagramTransport(asyncio.get_running_loop(), sock, recorder)
+    peer = _bound_socket()
+    peer.settimeout(5.0)
+    try:
+        transport.sendto(b"hello", peer.getsockname())
+        data, source = peer.recvfrom(100)
+        assert (data, source) == (b"hello", transport.get_extra_info("sockname"))
+        assert transport.get_write_buffer_size() == 0
+        transport.close()
+        transport.sendto(b"late", peer.getsockname())  # dropped silently once closing
+        await asyncio.wait_for(recorder.lost.wait(), 5.0)
+        assert sock.fileno() == -1
+        peer.settimeout(0.2)
+        try:
+            late = peer.recvfrom(100)
+        except TimeoutError:
+            late = None
+        assert late is None
+    finally:
+        peer.close()
+
+
+async def test_the_broker_quic_listener_reads_through_the_batched_transport(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    running = await start_broker(pki, tls=False)
+    try:
+        link = await open_quic("127.0.0.1", QuicSettings(port=running.quic_port, ca_file=pki.ca_file),
+                               keep_alive_s=30)
+        try:
+            await link.control.send(encode(Connect(client_id="batch-check", protocol_level=MQTT_5), MQTT_5))
+            decoder = Decoder(MQTT_5)
+            packets: list[object] = []
+            async with asyncio.timeout(5.0):
+                while not packets:
+                    packets = list(decoder.feed(await link.control.recv()))
+            assert isinstance(packets[0], ConnAck) and packets[0].reason_code == 0
+        finally:
+            await link.close()
+        transport = running.quic.transport
+        assert isinstance(transport, BatchedDatagramTransport)
+        assert transport.datagrams >= transport.batches > 0
+    finally:
+        await running.close()
