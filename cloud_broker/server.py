@@ -81,16 +81,28 @@ class BrokerHub:
 
     # ---------------------------------------------------------------- listener callbacks
 
-    def open(self, sink: ConnectionSink, peer: str, cert_identity: str | None = None) -> int:
+    @property
+    def receive_maximum(self) -> int:
+        return self.broker.settings.receive_maximum
+
+    def open(self, sink: ConnectionSink, peer: str, cert_identity: str | None = None,
+             receive_windows: int = 1) -> int:
         if self._closed:
             sink.close()
             return -1  # never known to the core: later events for it are ignored there
         self._next_id += 1
         conn_id = self._next_id
         self._sinks[conn_id] = sink
-        self.broker.connection_opened(conn_id, peer, self._loop.time(), cert_identity)
+        self.broker.connection_opened(conn_id, peer, self._loop.time(), cert_identity, receive_windows)
         self._after_event()
         return conn_id
+
+    def violation(self, conn_id: int, reason_code: int) -> None:
+        """A listener found a protocol violation the core cannot see (a per-stream limit): close the
+        connection as the core closes its own violations (MQTT 5 DISCONNECT with reason_code, will)."""
+        if conn_id in self._sinks:
+            self.broker.close_connection(conn_id, reason_code, self._loop.time())
+            self._after_event()
 
     def received(self, conn_id: int, data: bytes) -> None:
         self.broker.data_received(conn_id, data, self._loop.time())

@@ -194,6 +194,7 @@ class Connection:
         "peer",
         "pending_connect",
         "protocol_level",
+        "receive_limit",
         "session",
         "state",
         "violation",
@@ -201,8 +202,11 @@ class Connection:
     )
 
     def __init__(self, conn_id: int, peer: str, now: float, max_packet_size: int,
-                 cert_identity: str | None = None) -> None:
+                 cert_identity: str | None = None, receive_limit: int = _MAX_RECEIVE) -> None:
         self.conn_id = conn_id
+        # Unacknowledged inbound QoS 1/2 PUBLISHes allowed: Receive Maximum, times the windows of a
+        # multi-stream (QUIC) connection whose listener enforces Receive Maximum per stream.
+        self.receive_limit = receive_limit
         self.peer = peer
         self.cert_identity = cert_identity
         self.congested = False
@@ -307,12 +311,19 @@ class Broker:
     # ---------------------------------------------------------------- inputs from listeners and timers
 
     def connection_opened(self, conn_id: int, peer: str, now: float,
-                          cert_identity: str | None = None) -> None:
+                          cert_identity: str | None = None, receive_windows: int = 1) -> None:
         """A listener accepted a connection; it has `connect_timeout_s` to send CONNECT.
 
         `cert_identity` is the identity the transport verified (TLS client certificate), if any.
+        `receive_windows` > 1: the connection multiplexes that many streams, each with its own Receive
+        Maximum window that the listener enforces (MQTT over QUIC, EMQX semantics); the core then
+        allows that many windows' worth of unacknowledged PUBLISHes on the one session, bounded by the
+        packet identifier space.
         """
-        conn = Connection(conn_id, peer, now, self.settings.max_packet_size_bytes, cert_identity)
+        if receive_windows < 1:
+            raise ValueError("receive_windows must be at least 1")
+        limit = min(_MAX_RECEIVE, self.settings.receive_maximum * receive_windows)
+        conn = Connection(conn_id, peer, now, self.settings.max_packet_size_bytes, cert_identity, limit)
         self._conns[conn_id] = conn
         self.counters.connections_total += 1
         self._schedule_connection(conn, now + self.settings.connect_timeout_s)
@@ -838,11 +849,11 @@ class Broker:
                 # batch: the first PUBREC may have died, held, with its connection before that commit.
                 self._ack(conn, 2, pid, 0, first_batch, 0)
                 return
-            if len(session.inbound_qos2) >= settings.receive_maximum:
+            if len(session.inbound_qos2) >= conn.receive_limit:
                 raise RemoteProtocolError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
                                           ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
         held = conn.held
-        if qos and held and len(held) >= settings.receive_maximum:
+        if qos and held and len(held) >= conn.receive_limit:
             # Acks held behind the journal or a hook count as unacknowledged (MQTT-3.3.4-9).
             raise RemoteProtocolError("more unacknowledged QoS 1/2 PUBLISHes than Receive Maximum",
                                       ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)

@@ -39,15 +39,13 @@ and topic aliases are per stream. The shim keeps that contract on top of one cor
   connection lives on (B6). Deliveries in flight on it stay in the session and are resent after
   the next reconnect (never lost, unlike EMQX). Divergences from EMQX: one subscription per filter
   per session (not one per stream), and QoS state of data streams lives in the one core session.
-- Receive Maximum is per connection, not per stream (EMQX: each stream has its own inflight window).
-  The core counts the unacknowledged QoS 1/2 PUBLISHes of its one session against its Receive
-  Maximum, whichever stream carried them, and answers DISCONNECT 0x93 beyond it. Per-stream windows
-  would need the shim to hold back PUBLISHes (data *and* control stream, since data-stream messages
-  occupy core slots) whenever the core's window is full, i.e. buffer control-stream bytes behind a
-  held PUBLISH, outside the hub's back-pressure: a second flow-control layer we chose not to build.
-  So clients split the window: our agent gives its file data stream `files.max_inflight_segments`
-  and its control stream the rest of 1024 (agent.link); EMQX-style clients that fill the advertised
-  window on every stream at once must lower their windows here.
+- Receive Maximum is per stream, as in EMQX (B5): each stream may have Receive Maximum
+  unacknowledged QoS 1/2 PUBLISHes of its own. The shim counts them per stream (from forwarding to
+  the core's PUBACK, or PUBCOMP / failed PUBREC for QoS 2) and enforces the limit: a data stream
+  over it is reset with 0x93, the control stream gets the connection closed with DISCONNECT 0x93, as
+  the core does for a plain connection. The core, told at `open` that the connection carries
+  `max_streams_bidi` windows, allows that many windows on the one session (bounded by the packet
+  identifier space) and never answers 0x93 itself for a QUIC connection within them.
 
 Close codes (B8, B9): the core closing the connection after the client's DISCONNECT with reason 0
 (or after a peer FIN of the control stream) -> CONNECTION_CLOSE application error 0; any other end
@@ -254,6 +252,7 @@ class _Request:
     stream_id: int | None  # None: the shim's own (unsubscribing a dead stream): answer swallowed
     client_pid: int
     filters: tuple[str, ...] = ()
+    publish: bool = False  # a QoS 1/2 PUBLISH: counts against its stream's Receive Maximum
 
 
 class _DataStream:
@@ -341,6 +340,7 @@ class _MqttQuicProtocol(QuicConnectionProtocol):
         self._peer_fin = False
         self._data: dict[int, _DataStream] = {}
         self._requests: dict[int, _Request] = {}  # core pid -> request
+        self._open_publishes: Counter[int] = Counter()  # stream -> unacknowledged QoS 1/2 PUBLISHes
         self._request_keys: dict[tuple[int, int], int] = {}  # (stream, client pid) -> core pid
         self._next_pid = 1
         self._deliveries: dict[int, int] = {}  # core delivery pid -> stream it went out on
@@ -481,7 +481,9 @@ class _MqttQuicProtocol(QuicConnectionProtocol):
             return
         if self._cfg.client_ca_file is not None and not self.handshake_done and self.resumed_identity is None:
             return  # the certificate (if any) is checked at handshake completion: CONNECT waits
-        self.conn_id = self._listener.hub.open(_Sink(self), self.peer, self.identity)
+        # One Receive Maximum window per stream (B5), enforced here; the core allows them all.
+        self.conn_id = self._listener.hub.open(_Sink(self), self.peer, self.identity,
+                                               receive_windows=self._cfg.max_streams_bidi)
         self._listener.opened(self)
 
     # -- client -> core ---------------------------------------------------------------------------
@@ -548,7 +550,14 @@ class _MqttQuicProtocol(QuicConnectionProtocol):
             if offset is not None:
                 pid = _pid_at(raw, offset)
                 if pid is not None:
-                    core = self._map_request(CONTROL_STREAM_ID, pid, ())
+                    try:
+                        core = self._map_request(CONTROL_STREAM_ID, pid, (), publish=True)
+                    except ProtocolError as exc:
+                        # The core would have said the same had it counted this stream alone.
+                        log.info("quic: %s: %s", self.peer, exc)
+                        if self.conn_id is not None:
+                            self._listener.hub.violation(self.conn_id, exc.reason_code)
+                        return None
                     if core != pid:
                         raw = _with_pid(raw, offset, core)
         elif kind == _PUBREL:
@@ -609,13 +618,21 @@ class _MqttQuicProtocol(QuicConnectionProtocol):
             del self._deliveries[pid]
         return True
 
-    def _map_request(self, stream_id: int, client_pid: int, filters: tuple[str, ...]) -> int:
+    def _map_request(self, stream_id: int, client_pid: int, filters: tuple[str, ...],
+                     publish: bool = False) -> int:
+        """The core packet id for a client request; ProtocolError 0x93 when a QoS 1/2 PUBLISH would
+        exceed its stream's Receive Maximum (each stream has its own window, as in EMQX)."""
         key = (stream_id, client_pid)
         core = self._request_keys.get(key)
         if core is not None:
             return core  # a resend (DUP) of a request still open
+        if publish and self._open_publishes[stream_id] >= self._listener.hub.receive_maximum:
+            raise ProtocolError(f"more unacknowledged QoS 1/2 PUBLISHes on stream {stream_id} than "
+                                f"Receive Maximum", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
         core = client_pid if client_pid not in self._requests else self._free_pid()
-        self._requests[core] = _Request(stream_id, client_pid, filters)
+        if publish:
+            self._open_publishes[stream_id] += 1
+        self._requests[core] = _Request(stream_id, client_pid, filters, publish)
         self._request_keys[key] = core
         return core
 
@@ -631,6 +648,12 @@ class _MqttQuicProtocol(QuicConnectionProtocol):
         request = self._requests.pop(core, None)
         if request is not None and request.stream_id is not None:
             self._request_keys.pop((request.stream_id, request.client_pid), None)
+            if request.publish:
+                left = self._open_publishes[request.stream_id] - 1
+                if left > 0:
+                    self._open_publishes[request.stream_id] = left
+                else:
+                    del self._open_publishes[request.stream_id]
         return request
 
     def _feed_data(self, stream: _DataStream, data: bytes) -> None:
@@ -674,7 +697,7 @@ class _MqttQuicProtocol(QuicConnectionProtocol):
                 packet = replace(packet, topic=topic,
                                  properties=replace(packet.properties, topic_alias=None))
             if packet.packet_id is not None:
-                packet = replace(packet, packet_id=self._map_request(sid, packet.packet_id, ()))
+                packet = replace(packet, packet_id=self._map_request(sid, packet.packet_id, (), publish=True))
             return encode(packet, level)
         if isinstance(packet, PubRel):
             core = self._request_keys.get((sid, packet.packet_id))

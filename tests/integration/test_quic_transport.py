@@ -18,6 +18,7 @@ import pytest
 from aioquic.asyncio.client import connect as aioquic_connect
 from aioquic.quic.configuration import QuicConfiguration
 
+from cloud_broker.core.settings import CoreSettings
 from tests.integration.quic_support import Pki, RunningBroker, eventually, make_pki, start_broker
 from uplink.client import Uplink, UplinkConfig
 from uplink.mqtt.codec import Decoder, encode
@@ -30,7 +31,11 @@ from uplink.mqtt.packets import (
     PingReq,
     PingResp,
     PubAck,
+    PubComp,
     Publish,
+    PubRec,
+    PubRel,
+    ReasonCode,
     SubAck,
     Subscribe,
     Subscription,
@@ -289,6 +294,60 @@ async def test_an_ack_on_the_wrong_stream_does_not_settle_the_delivery(
     assert session is not None and delivery.packet_id in session.inflight
     await publisher.close()
     await link.close()
+
+
+async def _held_qos2(stream: MqttStream, first_pid: int, count: int) -> None:
+    """count QoS 2 PUBLISHes whose PUBRECs we get and whose PUBRELs we never send: each stays
+    unacknowledged (it counts against Receive Maximum) until its PUBCOMP."""
+    await stream.send(*(Publish(f"held/{pid}", b"x", 2, packet_id=pid)
+                        for pid in range(first_pid, first_pid + count)))
+    for _ in range(count):
+        rec = await stream.read()
+        assert isinstance(rec, PubRec) and rec.reason_code < 0x80, rec
+
+
+async def test_each_stream_has_its_own_receive_maximum_window_and_a_data_stream_over_it_is_reset(
+        pki: Pki) -> None:
+    # B5, EMQX semantics: Receive Maximum counts per stream, not per connection.
+    broker = await start_broker(pki, tls=False, settings=CoreSettings(allow_anonymous=True, receive_maximum=3))
+    try:
+        link, ctrl = await connected_link(pki, broker, "windows")
+        first = MqttStream(await link.open_data_stream())
+        second = MqttStream(await link.open_data_stream())
+        await _held_qos2(ctrl, 1, 3)
+        await _held_qos2(first, 1, 3)  # the same packet ids as the control stream: per-stream ids
+        await _held_qos2(second, 10, 3)  # 9 open on the connection, 3 per stream: all within limits
+        await first.send(Publish("held/over", b"x", 2, packet_id=4))  # a 4th on one stream
+        async with asyncio.timeout(STEP_S):
+            with pytest.raises(QuicStreamError) as reset:
+                while await first.stream.recv():
+                    pass
+        assert reset.value.code == ReasonCode.RECEIVE_MAXIMUM_EXCEEDED
+        # Only that stream died: the connection and the other windows go on.
+        await second.send(PubRel(10))
+        assert await second.read() == PubComp(10)
+        await second.send(Publish("held/again", b"x", 2, packet_id=13))
+        assert isinstance(await second.read(), PubRec)
+        await ctrl.send(PingReq())
+        assert await ctrl.read() == PingResp()
+        assert link.terminated is None
+        await link.close()
+    finally:
+        await broker.close()
+
+
+async def test_the_control_stream_over_its_receive_maximum_gets_disconnect_0x93(pki: Pki) -> None:
+    broker = await start_broker(pki, tls=False, settings=CoreSettings(allow_anonymous=True, receive_maximum=2))
+    try:
+        link, ctrl = await connected_link(pki, broker, "ctrl-window")
+        data = MqttStream(await link.open_data_stream())
+        await _held_qos2(data, 1, 2)
+        await _held_qos2(ctrl, 1, 2)
+        await ctrl.send(Publish("held/over", b"x", 2, packet_id=3))
+        assert await ctrl.read() == Disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+        await link.close()
+    finally:
+        await broker.close()
 
 
 async def test_connect_on_a_data_stream_resets_only_that_stream(
