@@ -170,6 +170,10 @@ class UplinkSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     keep_alive_s: int = 30
     tls: bool = False
     ca_file: str | None = None
+    # Our client certificate for brokers that demand mutual TLS: presented over TLS (tls = true) and
+    # over QUIC (unless [uplink.quic] names its own).
+    cert_file: str | None = None
+    key_file: str | None = None
     username: str | None = None
     password: str | None = None
     client_id: str | None = None  # defaults to agent.id
@@ -200,6 +204,10 @@ class UplinkSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError(f"batch_max_bytes must be within {MIN_BATCH_BYTES}..{MAX_PACKET_BYTES}")
         if not 1 <= self.max_inflight_batches <= 1024:
             raise ValueError("max_inflight_batches must be within 1..1024")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate needs both)")
+        if self.cert_file is not None and not self.tls and self.transport == "tcp":
+            raise ValueError("cert_file needs tls = true or a QUIC transport (plain TCP has no TLS)")
         if not re.fullmatch(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*", self.topic_prefix):
             raise ValueError(
                 "topic_prefix must be plain topic levels (no wildcards, no leading or trailing '/')"

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -99,6 +100,8 @@ class UplinkConfig:
     password: bytes | None = None
     tls: bool = False
     ca_file: str | None = None
+    cert_file: str | None = None  # client certificate (TLS only), for brokers that demand mutual TLS
+    key_file: str | None = None
     will: Will | None = None
     reconnect_initial_s: float = 0.5
     reconnect_max_s: float = 30.0
@@ -117,6 +120,10 @@ class UplinkConfig:
             raise ValueError("reconnect_initial_s: must be > 0 and <= reconnect_max_s")
         if self.ca_file is not None and not self.tls:
             raise ValueError("ca_file: only meaningful with tls=True")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file: a client certificate needs both cert_file and key_file")
+        if self.cert_file is not None and not self.tls:
+            raise ValueError("cert_file: only meaningful with tls=True")
         self.session_config()  # the session validates the rest with the same field names
 
     def session_config(self) -> SessionConfig:
@@ -138,10 +145,16 @@ class UplinkConfig:
 TransportFactory = Callable[[UplinkConfig], Awaitable[Transport]]
 
 
+def tls_context(config: UplinkConfig) -> ssl.SSLContext | None:
+    """The TLS context config asks for (None: plain TCP), read afresh: renewed certificates apply."""
+    if not config.tls:
+        return None
+    return client_ssl_context(config.ca_file, config.cert_file, config.key_file)
+
+
 async def tcp_transport_factory(config: UplinkConfig) -> Transport:
     """The default transport: TCP, or TLS verifying the server when config.tls."""
-    context = client_ssl_context(config.ca_file) if config.tls else None
-    return await open_tcp(config.host, config.port, context, config.connect_timeout_s)
+    return await open_tcp(config.host, config.port, tls_context(config), config.connect_timeout_s)
 
 
 @dataclass(eq=False)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from uplink.backoff import Backoff, spread_s
-from uplink.client import Transport, UplinkConfig
+from uplink.client import Transport, UplinkConfig, tls_context
 from uplink.mqtt.codec import encode
 from uplink.mqtt.packets import Disconnect
 from uplink.quic import (
@@ -51,7 +51,7 @@ from uplink.quic import (
     QuicSettings,
     open_quic,
 )
-from uplink.tcp import TcpTransport, client_ssl_context, open_tcp
+from uplink.tcp import TcpTransport, open_tcp
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,7 @@ class FailoverTransportFactory:
         return link.control
 
     async def _open_tcp(self, config: UplinkConfig) -> Transport:
-        context = client_ssl_context(config.ca_file) if config.tls else None
-        inner = await open_tcp(config.host, config.port, context, config.connect_timeout_s)
+        inner = await open_tcp(config.host, config.port, tls_context(config), config.connect_timeout_s)
         link = _TcpLink(inner, config.protocol_level)
         self.tcp_link = link
         self.quic_link = None

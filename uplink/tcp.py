@@ -14,14 +14,18 @@ import ssl
 READ_CHUNK_BYTES = 64 * 1024
 
 
-def client_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+def client_ssl_context(ca_file: str | None = None, cert_file: str | None = None,
+                       key_file: str | None = None) -> ssl.SSLContext:
     """A TLS client context that verifies the server certificate and host name.
 
     ca_file None trusts the system store. Verification is never switched off here: a gateway that
     accepts any certificate hands its credentials and commands channel to whoever sits on the path.
+    cert_file/key_file: our client certificate, for brokers that demand mutual TLS.
     """
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
     return context
 
 
