@@ -2,9 +2,16 @@
 
 Each job (a poll group, a card) has an interval. Its first deadline is `start + phase`, where the
 phase spreads jobs of many devices over a window with the golden-ratio sequence, so a fleet of
-devices started together does not hit the bus in one burst. Deadlines advance by whole intervals
-from the previous deadline (no drift from run time); a job that falls behind by more than an interval
-skips the missed slots instead of firing a burst of catch-up polls.
+devices started together does not hit the bus in one burst. Phases are whole multiples of a coarse
+slot (`STAGGER_SLOT_S`, 250 ms: 20 slots in the default 5 s window) of that window: the jobs that
+share a slot wake together, so one event-loop pass sends all their requests and one wait collects
+their answers, instead of a wake-up per device and a cold start of the loop for each. Measured with
+`edge-hil bench fleet` (833 wells): agent CPU per 1,000 values 3.3 ms unrounded, 2.9 ms at 50 ms
+slots, 2.3 ms at 100 ms, 1.9 ms at 250 ms; poll-to-commit latency unchanged (p50 ~30 ms).
+Devices started together should pass the same `now_s`, or their slots drift apart by their start
+skew. Deadlines advance by whole intervals from the previous deadline (no drift from run time); a job
+that falls behind by more than an interval skips the missed slots instead of firing a burst of
+catch-up polls.
 """
 
 from __future__ import annotations
@@ -14,11 +21,20 @@ from dataclasses import dataclass
 
 _PHI_FRACTION = 0.6180339887498949
 MAX_STAGGER_WINDOW_S = 5.0
+STAGGER_SLOT_S = 0.25
 
 
-def stagger_phase_s(slot: int, interval_s: float, window_s: float = MAX_STAGGER_WINDOW_S) -> float:
-    """Phase offset of the slot-th job: spread over min(interval, window) by the golden ratio."""
-    return ((slot * _PHI_FRACTION) % 1.0) * min(interval_s, window_s)
+def stagger_phase_s(slot: int, interval_s: float, window_s: float = MAX_STAGGER_WINDOW_S,
+                    slot_s: float = STAGGER_SLOT_S) -> float:
+    """Phase offset of the slot-th job: spread over min(interval, window) by the golden ratio, rounded
+    down to a multiple of `slot_s` (one slot when the window is shorter than `slot_s`; 0 turns the
+    rounding off)."""
+    spread_s = min(interval_s, window_s)
+    fraction = (slot * _PHI_FRACTION) % 1.0
+    if slot_s <= 0:
+        return fraction * spread_s
+    slots = max(1, int(spread_s / slot_s))
+    return int(fraction * slots) * (spread_s / slots)
 
 
 @dataclass(slots=True)

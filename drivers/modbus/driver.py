@@ -255,20 +255,22 @@ class ModbusDriver:
 
     async def run(self, emit: Emit) -> None:
         try:
+            # one start for all: devices whose phases share a stagger slot then wake together
+            start_s = self._monotonic()
             async with asyncio.TaskGroup() as tg:
                 for slot, st in enumerate(self._session.states.values()):
-                    tg.create_task(self._run_device(st, emit, slot), name=f"modbus-{st.device.name}")
+                    tg.create_task(self._run_device(st, emit, slot, start_s), name=f"modbus-{st.device.name}")
         finally:
             self._session.close()
 
-    async def _run_device(self, st: _DeviceState, emit: Emit, slot: int) -> None:
+    async def _run_device(self, st: _DeviceState, emit: Emit, slot: int, start_s: float) -> None:
         d = st.device
         jobs = [(g, d.interval_of(g)) for g in st.groups()]
         if d.card is not None:
             jobs.append((CARD_JOB, d.card.interval_s))
         if not jobs:
             return
-        schedule = Schedule(jobs, now_s=self._monotonic(), first_slot=slot * len(jobs))
+        schedule = Schedule(jobs, now_s=start_s, first_slot=slot * len(jobs))
         while True:
             delay = schedule.next_deadline() - self._monotonic()
             if delay > 0:
