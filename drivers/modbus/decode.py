@@ -95,8 +95,7 @@ def _build_decoder(point: ModbusPoint) -> Decoder:
     scale, offset = point.scale, point.offset
     if t == "f32":
         def f32(words: Sequence[int] | Sequence[bool]) -> Value:
-            data = to_bytes(words)
-            return _shortest_f32(unpack(data)[0], data) * scale + offset
+            return shortest_f32(unpack(to_bytes(words))[0]) * scale + offset
         return f32
     if t == "f64":
         return lambda words: unpack(to_bytes(words))[0] * scale + offset
@@ -109,12 +108,17 @@ _F32 = struct.Struct(">f")
 _SHORT_FORMATS = ("%.6g", "%.7g", "%.8g", "%.9g")  # 9 significant digits always round-trip a float32
 
 
-def _shortest_f32(raw: float, data: bytes) -> float:
-    # A float32 widened to float64 prints as 1.4299999475479126; the shortest decimal that packs
-    # back to the same 4 bytes (1.43) is the value the device meant, and encodes back identically.
+def shortest_f32(raw: float) -> float:
+    """The shortest decimal (6 to 9 significant digits) that is the same float32 as `raw`.
+
+    A float32 widened to float64 prints as 1.4299999475479126; the shortest decimal that packs back
+    to the same 4 bytes (1.43) is the value the device meant, and encodes back identically. `raw`
+    must be a float32 value (unpacked from 4 bytes); non-finite values are returned as they are.
+    """
     if not math.isfinite(raw):
         return raw
     pack = _F32.pack
+    data = pack(raw)  # exact: a finite float32 survives float64 and back
     for fmt in _SHORT_FORMATS:
         candidate = float(fmt % raw)
         if pack(candidate) == data:

@@ -31,16 +31,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from drivers.base import CardReading, Emit, Quality, Reading, Value
+from drivers.modbus.blockdecode import block_decoder
 from drivers.modbus.card import capture_card
 from drivers.modbus.client import ModbusClient, ModbusError, ModbusRtuClient, ModbusTcpClient
 from drivers.modbus.config import ModbusDevice, ModbusPoint, Table, modicon_to_pdu
-from drivers.modbus.decode import decode, encode
+from drivers.modbus.decode import encode
 from drivers.modbus.planner import DeviceLimits, ReadBlock, learn_illegal_address, learn_max_count, plan_reads
 from drivers.scheduling import Backoff, Schedule
 
 log = logging.getLogger(__name__)
 
 CARD_JOB = "__card__"
+GOOD = Quality.GOOD
 
 
 class DeviceFailed(Exception):
@@ -151,10 +153,13 @@ class _Session:
                         for p in block.points]
                 continue
             now = self.clock_ns()
-            base = block.start
-            for p in block.points:
-                start = p.location()[1] - base
-                out.append(_decoded(device_name, p, words[start:start + p.register_count()], now))
+            points = block.points
+            values, errors = block_decoder(block.start, block.count, points)(words)
+            first = len(out)
+            out += [Reading(device_name, p.name, v, GOOD, now) for p, v in zip(points, values, strict=True)]
+            for k, error in errors:
+                out[first + k] = Reading(device_name, points[k].name, None, Quality.BAD, now,
+                                         reason=f"decode: {error}")
         return out
 
     @staticmethod
@@ -207,14 +212,6 @@ class _Session:
         now = self.clock_ns()
         return [Reading(st.device.name, p.name, None, Quality.BAD, now, reason=reason)
                 for p in st.device.points]
-
-
-def _decoded(device: str, p: ModbusPoint, words: Sequence[int] | Sequence[bool], now_ns: int) -> Reading:
-    try:
-        value = decode(p, words)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return Reading(device, p.name, None, Quality.BAD, now_ns, reason=f"decode: {exc}")
-    return Reading(device, p.name, value, Quality.GOOD, now_ns)
 
 
 class ModbusDriver:
