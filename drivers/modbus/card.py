@@ -28,8 +28,8 @@ import struct
 from collections.abc import Awaitable, Callable, Sequence
 
 from drivers.base import CardReading, Quality, Value
+from drivers.modbus.blockdecode import BlockDecoder
 from drivers.modbus.config import ModbusDevice, ModbusPoint, Table, modicon_to_pdu
-from drivers.modbus.decode import decode
 from drivers.modbus.planner import DeviceLimits, plan_spans
 
 Reader = Callable[[Table, int, int], Awaitable[Sequence[int]]]
@@ -157,7 +157,7 @@ async def _read_plan(image: _Image, reader: Reader, plan: tuple[tuple[int, int],
 class _Layout:
     """Where a device's card lives, worked out once per (points, card) configuration."""
 
-    __slots__ = ("curve_starts", "curves", "header", "n_pdu", "scalars", "time_pdu")
+    __slots__ = ("_scalar_decoders", "curve_starts", "curves", "header", "n_pdu", "scalars", "time_pdu")
 
     def __init__(self, device: ModbusDevice) -> None:
         spec = device.card
@@ -172,6 +172,27 @@ class _Layout:
                        *((start, count) for _, start, count in self.scalars))
         self.curves = {name: (_pdu(start), scale) for name, (start, scale) in spec.curves().items()}
         self.curve_starts = tuple(start for start, _ in self.curves.values())
+        self._scalar_decoders: dict[tuple[tuple[int, int], ...], tuple[tuple[int, BlockDecoder], ...]] = {}
+
+    def decode_scalars(self, header_plan: tuple[tuple[int, int], ...], image: _Image) -> dict[str, Value]:
+        """The card scalars from the header blocks just read, in `CardSpec.scalars` order.
+
+        One compiled decoder per header block (a point never straddles two reads); ValueError as
+        `decode.decode` raises it for a point that cannot be decoded."""
+        decoders = self._scalar_decoders.get(header_plan)
+        if decoders is None:
+            decoders = tuple(
+                (start, BlockDecoder(start, count, [p for p, s, c in self.scalars
+                                                    if start <= s and s + c <= start + count]))
+                for start, count in header_plan)
+            self._scalar_decoders[header_plan] = decoders
+        by_name: dict[str, Value] = {}
+        for start, decoder in decoders:
+            values, errors = decoder(image.raw[start])
+            if errors:
+                raise errors[0][1]
+            by_name.update(zip((p.name for p in decoder.points), values, strict=True))
+        return {p.name: by_name[p.name] for p, _, _ in self.scalars}
 
 
 # id(device.points) -> (points, card, layout); the identity check makes a recycled id harmless
@@ -218,8 +239,7 @@ async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callab
         await _read_plan(image, reader, header_plan)
         time_words = image.get(time_pdu, TIME_WORDS)
         (n,) = image.get(layout.n_pdu, 1)
-        scalars: dict[str, Value] = {p.name: decode(p, image.get(start, count))
-                                     for p, start, count in layout.scalars}
+        scalars = layout.decode_scalars(header_plan, image)
         if n == 0:
             return None
         if n > spec.max_points:
