@@ -174,12 +174,34 @@ def plan_reads(
     max_gap: int = DEFAULT_MAX_GAP,
     limits: DeviceLimits | None = None,
 ) -> tuple[ReadBlock, ...]:
-    """The fewest ReadBlocks covering every point exactly once, table by table in address order."""
+    """The fewest ReadBlocks covering every point exactly once, table by table in address order.
+
+    Plans are memoized by their inputs (the points' definitions, the limits): a fleet of devices with
+    one register map plans once, and the devices share the ReadBlocks (and what is compiled per block,
+    such as their decoders)."""
     if not 1 <= max_registers <= MAX_REGISTERS_PER_READ:
         raise ValueError(f"max_registers must be in 1..{MAX_REGISTERS_PER_READ}")
     if not 1 <= max_bits <= MAX_BITS_PER_READ:
         raise ValueError(f"max_bits must be in 1..{MAX_BITS_PER_READ}")
     limits = limits or DeviceLimits()
+    points = tuple(points)
+    key = (points, max_registers, max_bits, max_gap, tuple(sorted(limits.forbidden.items())),
+           tuple(sorted(limits.max_count.items())))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan_reads(points, max_registers, max_bits, max_gap, limits)
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()  # configurations come and go with reloads; a fleet shares a handful
+        _PLANS[key] = plan
+    return plan
+
+
+# (points, limits ...) -> plan. Keyed by value: equal point definitions give the same plan.
+_PLANS: dict[tuple[object, ...], tuple[ReadBlock, ...]] = {}
+
+
+def _plan_reads(points: tuple[ModbusPoint, ...], max_registers: int, max_bits: int, max_gap: int,
+                limits: DeviceLimits) -> tuple[ReadBlock, ...]:
     by_table: dict[Table, list[ModbusPoint]] = {}
     for p in points:
         by_table.setdefault(p.location()[0], []).append(p)
