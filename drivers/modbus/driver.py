@@ -2,10 +2,13 @@
 
 Theory of operation. Every device gets one task (named `modbus-<device>`) in the driver's TaskGroup.
 The task keeps a `Schedule` of its poll groups plus its card, sleeps until the next deadline
-(monotonic seconds), and runs the due jobs. Devices on one bus - the same TCP host:port (a gateway
-serving many unit ids) or the same serial port - share one client, and the client serialises requests
-in arrival order, so there is one request in flight per bus and the devices on it take turns request
-by request (a card of 11 requests never locks out the other units for its whole duration).
+(monotonic seconds), and runs the due jobs; all schedules start at one instant, so devices whose
+staggered phases share a slot wake together (drivers.scheduling). A block's answer is decoded by the
+block's compiled decoder (blockdecode), shared by every device planned alike. Devices on one bus - the
+same TCP host:port (a gateway serving many unit ids) or the same serial port - share one client, and
+the client serialises requests in arrival order, so there is one request in flight per bus and the
+devices on it take turns request by request (a card of 11 requests never locks out the other units
+for its whole duration).
 
 Failure policy per request: a timeout or an unusable answer (CRC error, wrong unit id, short frame) is
 retried `device.retries` times; an exception 02 on a multi-point block teaches the planner a device
