@@ -46,6 +46,7 @@ from agent.link import ActiveTransport, AgentLink, build_link
 from agent.metrics import AckHistogram, DeviceCounters, PollStats, Snapshot, serve_metrics
 from agent.ops import Operations, RingLog
 from agent.pipeline import Pipeline
+from agent.runtime import settle_gc
 from agent.sdnotify import Notifier
 from agent.status import STATUS_PROPERTIES, death, versions, will_for
 from agent.watchdog import LoopWatchdog, Progress
@@ -418,6 +419,7 @@ class Agent:
                 self.start_buses(cfg, set(bus_groups(cfg.modbus)))
                 self.start_opcua(cfg, {s.name for s in cfg.opcua})
                 self.start_serial(cfg, {p.name for p in cfg.serial})
+            settle_gc()  # what exists now lives as long as the agent (agent.runtime)
             if on_ready is not None:
                 on_ready()
             n_devices = len(cfg.device_names)

@@ -36,6 +36,7 @@ import msgspec
 from agent.commands import Handler, Outcome, Progress
 from agent.config import AgentConfig, ConfigError, parse_toml
 from agent.configstore import ConfigStore, StoredConfig
+from agent.runtime import settle_gc
 from drivers.base import CardReading, Quality, Reading
 from drivers.modbus.driver import poll_once
 from drivers.serial.driver import SerialDriver
@@ -279,6 +280,7 @@ class Operations:
         if "metrics" in changes:
             await a.stop_metrics()
             a.start_metrics(new)
+        settle_gc()  # the replaced parts become collectable, the new ones are frozen (agent.runtime)
 
     # -- devices -----------------------------------------------------------------------------
 

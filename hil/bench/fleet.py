@@ -16,8 +16,9 @@ share of the scheduled values actually acquired (a bus that cannot keep up skips
 28 scalars + 4 x 200 curve points, or 2 x 200 for the fifth of the wells without a power meter) and
 the simulator's CPU share (whether the simulator, not the agent, is the limit). The agent's CPU is also
 split by thread (event loop vs the store's writer), and BAD readings are counted by reason. `--loop` picks
-the agent child's event loop (asyncio or uvloop); the simulator always runs on asyncio, so the two compare
-on the same load.
+the agent child's event loop as `edge-agent run --loop` does: auto (the default, like the agent's) is uvloop
+when it is installed, else asyncio; the simulator always runs on asyncio, so the loops compare on the same
+load.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.pipeline import Pipeline
+from agent.runtime import settle_gc
 from drivers.base import CardReading, Quality, Reading
 from drivers.modbus.config import A11_CARD_SCALARS
 from drivers.modbus.driver import ModbusDriver
@@ -51,7 +53,7 @@ from store_forward.sqlite import SqliteQueue
 
 SIM_SEED = 1
 CHILD_TIMEOUT_S = 600.0
-LOOPS = ("asyncio", "uvloop")
+LOOPS = ("auto", "asyncio", "uvloop")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -65,8 +67,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-stress", action="store_true")
     p.add_argument("--profile", metavar="PREFIX", default="",
                    help="cProfile each case's agent into PREFIX.fleet and PREFIX.stress")
-    p.add_argument("--loop", choices=LOOPS, default="asyncio",
-                   help="the agent child's event loop (uvloop must be installed)")
+    p.add_argument("--loop", choices=LOOPS, default="auto",
+                   help="the agent child's event loop as `edge-agent run --loop` (auto: uvloop if installed)")
 
 
 # -- agent child -------------------------------------------------------------------------------------
@@ -119,6 +121,7 @@ async def run_agent(endpoints: list[Endpoint], *, duration_s: float, scalar_inte
             bad_reasons[item.reason or "?"] += 1
         pipeline.emit(item)
 
+    settle_gc()  # as the agent does once its drivers are built (agent.runtime)
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     threads0 = _thread_cpu_s()
     t0 = time.monotonic()
@@ -222,11 +225,14 @@ async def _case(label: str, *, wells: int, duration_s: float, scalar_interval_s:
 
 async def main(args: argparse.Namespace) -> int:
     """833-well fleet and 100-well stress: agent CPU per 1,000 values, RSS, latency, losses."""
-    out: dict[str, object] = {"loop": args.loop}
+    from agent.cli import event_loop
+
+    loop, _ = event_loop(args.loop)  # what the agent itself would run on
+    out: dict[str, object] = {"loop": loop}
     if not args.skip_fleet:
         r = await _case("fleet", wells=args.wells, duration_s=args.duration_s,
                         scalar_interval_s=args.scalar_interval_s, card_interval_s=600.0 / args.speedup,
-                        profile=args.profile and f"{args.profile}.fleet", loop=args.loop)
+                        profile=args.profile and f"{args.profile}.fleet", loop=loop)
         print(f"fleet: {r}", flush=True)
         out.update(wells=args.wells, values=int(r["committed"]), cpu_ms_per_1k=r["cpu_ms_per_1k"],
                    rss_mb=r["rss_mb"], p50_ms=r["p50_ms"], p99_ms=r["p99_ms"], lost=int(r["lost"]),
@@ -235,7 +241,7 @@ async def main(args: argparse.Namespace) -> int:
         # the RTUs publish a little faster than once a second, so most one-second captures find a new card
         s = await _case("stress", wells=args.stress_wells, duration_s=args.stress_duration_s,
                         scalar_interval_s=3600.0, card_interval_s=1.0, sim_card_interval_s=0.9,
-                        profile=args.profile and f"{args.profile}.stress", loop=args.loop)
+                        profile=args.profile and f"{args.profile}.stress", loop=loop)
         print(f"stress: {s}", flush=True)
         # what a card per well per second carries; a fifth of the simulated wells have no power meter,
         # so their cards hold 428 values, not 828
