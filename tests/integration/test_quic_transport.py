@@ -309,7 +309,8 @@ async def _held_qos2(stream: MqttStream, first_pid: int, count: int) -> None:
 async def test_each_stream_has_its_own_receive_maximum_window_and_a_data_stream_over_it_is_reset(
         pki: Pki) -> None:
     # B5, EMQX semantics: Receive Maximum counts per stream, not per connection.
-    broker = await start_broker(pki, tls=False, settings=CoreSettings(allow_anonymous=True, receive_maximum=3))
+    broker = await start_broker(pki, tls=False,
+                                settings=CoreSettings(allow_anonymous=True, receive_maximum=3))
     try:
         link, ctrl = await connected_link(pki, broker, "windows")
         first = MqttStream(await link.open_data_stream())
@@ -337,7 +338,8 @@ async def test_each_stream_has_its_own_receive_maximum_window_and_a_data_stream_
 
 
 async def test_the_control_stream_over_its_receive_maximum_gets_disconnect_0x93(pki: Pki) -> None:
-    broker = await start_broker(pki, tls=False, settings=CoreSettings(allow_anonymous=True, receive_maximum=2))
+    broker = await start_broker(pki, tls=False,
+                                settings=CoreSettings(allow_anonymous=True, receive_maximum=2))
     try:
         link, ctrl = await connected_link(pki, broker, "ctrl-window")
         data = MqttStream(await link.open_data_stream())
