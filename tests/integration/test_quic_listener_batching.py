@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from pathlib import Path
 from typing import Any
@@ -115,4 +116,36 @@ async def test_the_broker_quic_listener_reads_through_the_batched_transport(tmp_
         assert isinstance(transport, BatchedDatagramTransport)
         assert transport.datagrams >= transport.batches > 0
     finally:
+        await running.close()
+
+
+async def test_garbage_datagrams_are_dropped_and_the_listener_keeps_serving(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    running = await start_broker(pki, tls=False)
+    rng = random.Random(7)
+    blaster = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        address = ("127.0.0.1", running.quic_port)
+        for n in range(600):
+            size = rng.choice([0, 1, 5, 20, 1200, 1500, rng.randrange(0, 1500)])
+            data = bytes(rng.getrandbits(8) for _ in range(size))
+            if n % 3 == 0 and data:  # looks like a QUIC v1 long header (Initial), then nonsense
+                data = b"\xc0\x00\x00\x00\x01" + data
+            blaster.sendto(data, address)
+        await asyncio.sleep(0.2)  # let the loop chew through them
+        link = await open_quic("127.0.0.1", QuicSettings(port=running.quic_port, ca_file=pki.ca_file),
+                               keep_alive_s=30)
+        try:
+            await link.control.send(encode(Connect(client_id="after-garbage", protocol_level=MQTT_5), MQTT_5))
+            decoder = Decoder(MQTT_5)
+            packets: list[object] = []
+            async with asyncio.timeout(5.0):
+                while not packets:
+                    packets = list(decoder.feed(await link.control.recv()))
+            assert isinstance(packets[0], ConnAck) and packets[0].reason_code == 0
+        finally:
+            await link.close()
+        assert running.quic.accepting
+    finally:
+        blaster.close()
         await running.close()
