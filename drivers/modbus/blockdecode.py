@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from drivers.base import Value
 from drivers.modbus.config import ModbusPoint
 from drivers.modbus.decode import decoder, shortest_f32
+from drivers.modbus.memo import IdentityMemo
 
 # decode.py's struct codes, big-endian
 _FIELD = {"u16": "H", "i16": "h", "u32": "I", "i32": "i", "u64": "Q", "i64": "q", "f32": "f", "f64": "d"}
@@ -116,17 +117,9 @@ def _per_point(points: Sequence[ModbusPoint], start: int,
     return out, errors
 
 
-# id(points) -> (points, start, count, decoder); the identity check makes a recycled id harmless
-_DECODERS: dict[int, tuple[tuple[ModbusPoint, ...], int, int, BlockDecoder]] = {}
+_DECODERS: IdentityMemo[BlockDecoder] = IdentityMemo(4096)
 
 
 def block_decoder(start: int, count: int, points: tuple[ModbusPoint, ...]) -> BlockDecoder:
     """The compiled decoder of a block, built once per `points` tuple (a planned block's own tuple)."""
-    hit = _DECODERS.get(id(points))
-    if hit is not None and hit[0] is points and hit[1] == start and hit[2] == count:
-        return hit[3]
-    fn = BlockDecoder(start, count, points)
-    if len(_DECODERS) >= 4096:
-        _DECODERS.clear()  # configurations come and go with reloads
-    _DECODERS[id(points)] = (points, start, count, fn)
-    return fn
+    return _DECODERS.get(points, (start, count), BlockDecoder, start, count, points)

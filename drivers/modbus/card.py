@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from drivers.base import CardReading, Quality, Value
 from drivers.modbus.blockdecode import BlockDecoder
 from drivers.modbus.config import ModbusDevice, ModbusPoint, Table, modicon_to_pdu
+from drivers.modbus.memo import IdentityMemo
 from drivers.modbus.planner import DeviceLimits, plan_spans
 
 Reader = Callable[[Table, int, int], Awaitable[Sequence[int]]]
@@ -195,19 +196,11 @@ class _Layout:
         return {p.name: by_name[p.name] for p, _, _ in self.scalars}
 
 
-# id(device.points) -> (points, card, layout); the identity check makes a recycled id harmless
-_LAYOUTS: dict[int, tuple[object, object, _Layout]] = {}
+_LAYOUTS: IdentityMemo[_Layout] = IdentityMemo(256)
 
 
 def _layout(device: ModbusDevice) -> _Layout:
-    hit = _LAYOUTS.get(id(device.points))
-    if hit is not None and hit[0] is device.points and hit[1] is device.card:
-        return hit[2]
-    layout = _Layout(device)
-    if len(_LAYOUTS) >= 256:
-        _LAYOUTS.clear()  # configurations come and go with reloads; a fleet shares a handful
-    _LAYOUTS[id(device.points)] = (device.points, device.card, layout)
-    return layout
+    return _LAYOUTS.get(device.points, (device.card,), _Layout, device)
 
 
 def card_scalar_points(device: ModbusDevice) -> tuple[ModbusPoint, ...]:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from drivers.base import Value
 from drivers.modbus.config import ModbusPoint
+from drivers.modbus.memo import IdentityMemo
 
 _STRUCT = {"u16": "H", "i16": "h", "u32": "I", "i32": "i", "u64": "Q", "i64": "q", "f32": "f", "f64": "d"}
 _INT_RANGE = {
@@ -48,8 +49,7 @@ def decode(point: ModbusPoint, words: Sequence[int] | Sequence[bool]) -> Value:
 
 
 Decoder = Callable[[Sequence[int] | Sequence[bool]], Value]
-# id(point) -> (point, its decoder); the identity check makes a recycled id harmless
-_DECODERS: dict[int, tuple[ModbusPoint, Decoder]] = {}
+_DECODERS: IdentityMemo[Decoder] = IdentityMemo(4096)
 
 
 def decoder(point: ModbusPoint) -> Decoder:
@@ -58,14 +58,7 @@ def decoder(point: ModbusPoint) -> Decoder:
     Built once per point object and kept: a fleet decodes the same few dozen points millions of
     times, and the generic path (orders, widths, scaling decided per call) costs several times more.
     """
-    hit = _DECODERS.get(id(point))
-    if hit is not None and hit[0] is point:
-        return hit[1]
-    fn = _build_decoder(point)
-    if len(_DECODERS) >= 4096:
-        _DECODERS.clear()  # configurations come and go with reloads
-    _DECODERS[id(point)] = (point, fn)
-    return fn
+    return _DECODERS.get(point, (), _build_decoder, point)
 
 
 def _build_decoder(point: ModbusPoint) -> Decoder:
