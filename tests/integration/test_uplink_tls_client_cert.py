@@ -16,8 +16,8 @@ from agent.link import quic_settings, uplink_config
 from cloud_broker.config import ListenerConfig
 from cloud_broker.listeners import tcp
 from hil.impair import ImpairmentProxy
-from tests.integration.quic_support import Pki, make_pki, start_broker
-from uplink.client import Uplink, UplinkConfig
+from tests.integration.quic_support import Pki, eventually, make_pki, start_broker
+from uplink.client import Transport, Uplink, UplinkConfig, tcp_transport_factory
 from uplink.failover import FailoverConfig, FailoverTransportFactory
 from uplink.quic import QuicSettings
 
@@ -51,12 +51,19 @@ async def test_the_tls_link_presents_the_configured_client_certificate_and_witho
                 assert [c.cert_identity for c in running.broker._conns.values()] == ["well-0001"]
                 await device.close()
 
+        attempts: list[UplinkConfig] = []
+
+        async def counted(config: UplinkConfig) -> Transport:
+            attempts.append(config)
+            return await tcp_transport_factory(config)
+
         anonymous = Uplink(UplinkConfig(host="127.0.0.1", port=port, client_id="no-cert", tls=True,
                                         ca_file=pki.ca_file, reconnect_initial_s=0.05,
-                                        reconnect_max_s=0.1))
+                                        reconnect_max_s=0.1), transport_factory=counted)
         async with asyncio.TaskGroup() as tg:
             task = tg.create_task(anonymous.run(), name="anonymous")
-            await asyncio.sleep(1.0)  # several attempts: each handshake is refused
+            # Several attempts, each refused by the broker (no certificate): never connected.
+            await eventually(lambda: len(attempts) >= 3, STEP_S, "three connection attempts")
             assert not anonymous.connected
             await anonymous.close()
             task.cancel()
