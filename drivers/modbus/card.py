@@ -50,6 +50,11 @@ def _to_bcd(value: int) -> int:
     return int(str(value), 16)
 
 
+@functools.lru_cache(maxsize=64)
+def _tz(utc_offset_h: float) -> dt.timezone:
+    return dt.timezone(dt.timedelta(hours=utc_offset_h))
+
+
 def parse_acquisition_time(words: Sequence[int], *, encoding: str = "decimal",
                            utc_offset_h: float = 8.0) -> int:
     """UTC epoch ns of a card from its 6 time words; ValueError when the words are not a valid time."""
@@ -57,15 +62,14 @@ def parse_acquisition_time(words: Sequence[int], *, encoding: str = "decimal",
         raise ValueError(f"acquisition time needs {TIME_WORDS} words, got {len(words)}")
     fields = [_from_bcd(w) for w in words] if encoding == "bcd" else list(words)
     year, month, day, hour, minute, second = fields
-    tz = dt.timezone(dt.timedelta(hours=utc_offset_h))
-    stamp = dt.datetime(year, month, day, hour, minute, second, tzinfo=tz)  # raises on e.g. month 13
+    # raises on an impossible date (month 13, February 30)
+    stamp = dt.datetime(year, month, day, hour, minute, second, tzinfo=_tz(utc_offset_h))
     return int(stamp.timestamp()) * 1_000_000_000
 
 
 def encode_acquisition_time(ts_ns: int, *, encoding: str = "decimal", utc_offset_h: float = 8.0) -> list[int]:
     """The 6 time words for a UTC epoch ns timestamp (whole seconds, truncated)."""
-    tz = dt.timezone(dt.timedelta(hours=utc_offset_h))
-    t = dt.datetime.fromtimestamp(ts_ns // 1_000_000_000, tz)
+    t = dt.datetime.fromtimestamp(ts_ns // 1_000_000_000, _tz(utc_offset_h))
     fields = [t.year, t.month, t.day, t.hour, t.minute, t.second]
     return [_to_bcd(f) for f in fields] if encoding == "bcd" else fields
 
@@ -101,8 +105,9 @@ class _Image:
         self.raw: dict[int, tuple[int, ...]] = {}
         self._blocks: list[tuple[int, int, tuple[int, ...]]] = []  # (start, end, words)
 
-    async def read(self, reader: Reader, start: int, count: int) -> tuple[int, ...]:
-        words = tuple(await reader("holding", start, count))
+    def add(self, start: int, count: int, answer: Sequence[int]) -> tuple[int, ...]:
+        """Keep the words a read of `count` registers at `start` returned; ValueError if too few/many."""
+        words = tuple(answer)
         if len(words) != count:
             raise ValueError(f"asked {count} registers at {start}, got {len(words)}")
         self.raw[start] = words
@@ -148,11 +153,6 @@ def _planned_curves(starts: tuple[int, ...], n: int, max_count: int, max_gap: in
     # more than the cache saves. One span per register: curves may be split anywhere, unlike points.
     spans = tuple((start + k, 1) for start in starts for k in range(n))
     return _planned(spans, max_count, max_gap, forbidden)
-
-
-async def _read_plan(image: _Image, reader: Reader, plan: tuple[tuple[int, int], ...]) -> None:
-    for start, count in plan:
-        await image.read(reader, start, count)
 
 
 class _Layout:
@@ -229,7 +229,8 @@ async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callab
     image = _Image()
     for attempt in range(1, spec.consistency_attempts + 1):
         image = _Image()
-        await _read_plan(image, reader, header_plan)
+        for start, count in header_plan:
+            image.add(start, count, await reader("holding", start, count))
         time_words = image.get(time_pdu, TIME_WORDS)
         (n,) = image.get(layout.n_pdu, 1)
         scalars = layout.decode_scalars(header_plan, image)
@@ -242,9 +243,9 @@ async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callab
                                                     utc_offset_h=spec.utc_offset_h)
         except ValueError as exc:
             return _bad(device, scalars, image, clock_ns(), f"bad acquisition time: {exc}")
-        await _read_plan(image, reader, _planned_curves(layout.curve_starts, n, max_count, device.max_gap,
-                                                        forbidden))
-        again = await image.read(reader, time_pdu, TIME_WORDS)
+        for start, count in _planned_curves(layout.curve_starts, n, max_count, device.max_gap, forbidden):
+            image.add(start, count, await reader("holding", start, count))
+        again = image.add(time_pdu, TIME_WORDS, await reader("holding", time_pdu, TIME_WORDS))
         if list(again) != time_words:
             continue  # the RTU published a new card mid-capture: start over
         arrays = {name: curve_values(image.get(start, n), scale)

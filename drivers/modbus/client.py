@@ -36,6 +36,7 @@ import math
 import struct
 import sys
 import termios
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -280,7 +281,7 @@ _READ_REQUEST = struct.Struct(">BHH")
 
 class ModbusTcpClient:
     """Modbus/TCP to host:port: one connection, up to `max_in_flight` requests outstanding on it, one per
-    unit id. Waiters take turns in arrival order (asyncio locks are FIFO), so devices sharing a
+    unit id. Waiters take turns in arrival order (`_Turns`), so devices sharing a
     gateway share it fairly."""
 
     def __init__(self, host: str, port: int, *, timeout_s: float = 1.0, max_in_flight: int = 1) -> None:
@@ -297,8 +298,7 @@ class ModbusTcpClient:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_s = math.inf
         self._connect_lock = asyncio.Lock()
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._unit_locks: dict[int, asyncio.Lock] = {}
+        self._turns = _Turns(max_in_flight)
 
     # connection -----------------------------------------------------------------------------------
     @property
@@ -398,11 +398,12 @@ class ModbusTcpClient:
 
     async def _exchange(self, unit_id: int, pdu: bytes, timeout_s: float | None) -> bytes:
         """Send one request PDU and wait for its response PDU (one request per unit at a time)."""
-        lock = self._unit_locks.get(unit_id)
-        if lock is None:
-            lock = self._unit_locks[unit_id] = asyncio.Lock()
-        async with lock, self._slots:
-            await self.connect()
+        turns = self._turns
+        if not turns.take(unit_id):
+            await turns.wait(unit_id)
+        try:
+            if not self.connected:
+                await self.connect()
             transport = self._transport
             assert transport is not None
             loop = asyncio.get_running_loop()
@@ -420,6 +421,8 @@ class ModbusTcpClient:
                 # still registered: nothing settled it, we were cancelled; a late answer will be a stray
                 if self._futures.pop(tid, None) is not None:
                     self._session.abandon(tid)
+        finally:
+            turns.give_back(unit_id)
 
     # events from the session ----------------------------------------------------------------------
     def _dispatch(self, events: list[Event]) -> None:
@@ -453,6 +456,62 @@ class ModbusTcpClient:
         upcoming = self._session.next_deadline()
         if upcoming is not None and self._timer is None:
             self._arm(upcoming)
+
+
+class _Turns:
+    """Who may send next on one connection: at most `limit` requests in flight, one per unit id, and
+    waiters served in arrival order.
+
+    `take` admits at once when it can (the common case, a device polling its own connection: no
+    future, no coroutine); otherwise `wait` queues. A turn is handed over to the first waiter it
+    frees, so nobody who arrives later can overtake. Invariant, kept because every release hands over
+    synchronously: a waiter waits only while its unit is busy or every slot is taken, so a newcomer
+    that `take` admits overtakes no one who could have gone.
+    """
+
+    __slots__ = ("_active", "_limit", "_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._active: set[int] = set()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def take(self, unit_id: int) -> bool:
+        active = self._active
+        if unit_id in active or len(active) >= self._limit:
+            return False
+        active.add(unit_id)
+        return True
+
+    async def wait(self, unit_id: int) -> None:
+        """Queue until `unit_id` holds a turn (handed over by `give_back`)."""
+        entry = (unit_id, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        except BaseException:
+            if entry[1].done() and not entry[1].cancelled():
+                self.give_back(unit_id)  # handed a turn, then cancelled before using it
+            elif entry in self._waiters:  # else give_back already dropped it as cancelled
+                self._waiters.remove(entry)
+            raise
+
+    def give_back(self, unit_id: int) -> None:
+        self._active.discard(unit_id)
+        if not self._waiters:
+            return
+        active = self._active
+        keep: deque[tuple[int, asyncio.Future[None]]] = deque()
+        for entry in self._waiters:
+            unit, fut = entry
+            if fut.done():
+                continue  # cancelled while waiting
+            if unit not in active and len(active) < self._limit:
+                active.add(unit)
+                fut.set_result(None)
+            else:
+                keep.append(entry)
+        self._waiters = keep
 
 
 # Bytes one socket read may take. A response is at most 260 bytes (MBAP header + 253-byte PDU); more

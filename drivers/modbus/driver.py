@@ -28,6 +28,7 @@ failure; it never reaches the TaskGroup, so the other devices keep running.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -177,9 +178,7 @@ class _Session:
         return None
 
     async def capture(self, st: _DeviceState) -> CardReading | None:
-        async def reader(table: Table, start: int, count: int) -> Sequence[int]:
-            return await self.read(st, table, start, count)  # registers: the card reads holding only
-
+        reader = functools.partial(self.read, st)  # registers: the card reads holding only
         for attempt in (1, 2):
             try:
                 return await capture_card(reader, st.device, clock_ns=self.clock_ns, limits=st.limits)
