@@ -12,7 +12,7 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_free_unit_goes_at_once_and_a_busy_one_waits_its_turn():
+async def test_a_free_unit_goes_at_once_and_a_busy_one_waits_its_turn() -> None:
     turns = _Turns(limit=2)
     assert turns.take(1)
     assert not turns.take(1)  # one request per unit id
@@ -22,7 +22,7 @@ async def test_a_free_unit_goes_at_once_and_a_busy_one_waits_its_turn():
     assert turns.take(3)
 
 
-async def test_waiters_are_served_in_arrival_order():
+async def test_waiters_are_served_in_arrival_order() -> None:
     turns = _Turns(limit=1)
     assert turns.take(9)
     order: list[int] = []
@@ -43,7 +43,7 @@ async def test_waiters_are_served_in_arrival_order():
     assert turns.take(5)  # everything was given back
 
 
-async def test_a_newcomer_does_not_overtake_a_waiter_that_could_go():
+async def test_a_newcomer_does_not_overtake_a_waiter_that_could_go() -> None:
     turns = _Turns(limit=1)
     assert turns.take(1)
     waiter = asyncio.create_task(turns.wait(2))
@@ -55,7 +55,7 @@ async def test_a_newcomer_does_not_overtake_a_waiter_that_could_go():
     assert turns.take(3)
 
 
-async def test_a_cancelled_waiter_neither_blocks_the_queue_nor_keeps_a_turn():
+async def test_a_cancelled_waiter_neither_blocks_the_queue_nor_keeps_a_turn() -> None:
     turns = _Turns(limit=1)
     assert turns.take(1)
     gone = asyncio.create_task(turns.wait(2))
@@ -69,7 +69,7 @@ async def test_a_cancelled_waiter_neither_blocks_the_queue_nor_keeps_a_turn():
     assert turns.take(4)
 
 
-async def test_a_waiter_cancelled_after_its_turn_was_handed_over_gives_it_back():
+async def test_a_waiter_cancelled_after_its_turn_was_handed_over_gives_it_back() -> None:
     turns = _Turns(limit=1)
     assert turns.take(1)
     waiter = asyncio.create_task(turns.wait(2))
