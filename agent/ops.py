@@ -38,7 +38,7 @@ from agent.config import AgentConfig, ConfigError, parse_toml
 from agent.configstore import ConfigStore, StoredConfig
 from agent.runtime import settle_gc
 from drivers.base import CardReading, Quality, Reading
-from drivers.modbus.driver import poll_once
+from drivers.modbus.driver import ModbusDriver, poll_once
 from drivers.serial.driver import SerialDriver
 from uplink.schema.commands import Command, CommandError, ResultCode
 
@@ -329,30 +329,44 @@ class Operations:
         )
 
     async def card_capture(self, cmd: Command, progress: Progress) -> Outcome:
+        """A dynamometer card now, through the device's running driver (its bus, its turn).
+
+        args: `device`; `trigger` (default true when the card has a trigger register): write the
+        trigger register and wait for the RTU's next card, else take the card it holds. A card the
+        schedule already queued is reported, not queued twice.
+        """
         name = _arg(cmd, "device", str)
-        devices = [d for d in self.agent.cfg.modbus if d.name == name]
-        if not devices:
+        driver = self.agent.driver_for(name)
+        if driver is None:
             raise CommandError(ResultCode.INVALID, f"args.device: no device {name!r} on this agent")
-        if devices[0].card is None:
+        spec = None
+        if isinstance(driver, ModbusDriver):
+            spec = next((d.card for d in driver.devices if d.name == name), None)
+        if not isinstance(driver, ModbusDriver) or spec is None:
             raise CommandError(ResultCode.INVALID, f"args.device: device {name!r} has no card configured")
-        items = await poll_once(devices, clock_ns=self.agent.stamp_ns)
-        cards = [i for i in items if isinstance(i, CardReading)]
-        if not cards:
-            return Outcome(ResultCode.FAILED, f"no card captured from {name}")
-        card = cards[0]
-        self.agent.emit(card)
+        trigger = _arg(cmd, "trigger", bool, spec.trigger_register is not None)
+        if trigger and spec.trigger_register is None:
+            raise CommandError(ResultCode.INVALID, f"args.trigger: device {name!r} has no trigger register")
+        if trigger:
+            await progress(f"triggering a card on {name}; waiting up to {spec.trigger_timeout_s:g} s for it")
+        card, new = await driver.card_now(name, trigger=trigger)
+        if card is None:
+            return Outcome(ResultCode.FAILED, f"{name} holds no card yet (point count 0)")
+        if new:
+            self.agent.emit(card)
         result = {
             "device": name,
             "quality": str(card.quality),
             "reason": card.reason,
             "acquired_at_ns": card.acquired_at_ns,
             "n_points": card.n_points,
+            "triggered": trigger,
+            "queued": new,
         }
         if card.quality != Quality.GOOD:
             return Outcome(ResultCode.FAILED, f"card from {name} is {card.quality}: {card.reason}", result)
-        return Outcome(
-            ResultCode.OK, f"card captured from {name} ({card.n_points} points); queued for upload", result
-        )
+        queued = "queued for upload" if new else "already queued by the schedule"
+        return Outcome(ResultCode.OK, f"card captured from {name} ({card.n_points} points); {queued}", result)
 
     # -- agent -------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ see curves of two different strokes. The capture therefore
      that saves a request);
   3. re-reads the acquisition time; if it changed, the card changed under us and the whole capture
      is repeated (up to `CardSpec.consistency_attempts`), else the card is consistent.
-For the default map at 125 registers per request and n = 200 that is 2 + 8 + 1 = 11 requests.
+For the default map at 125 registers per request and n = 200 that is 2 + 8 + 1 = 11 requests. A
+caller that already has the card the RTU holds (`known_at_ns`) pays only the 2 header requests.
 
 The RTU writes time and curves together (domain.md §7 item 5), so an unchanged time before and after
 proves the curves belong to that time. Acquisition time words are YYYY, MM, DD, hh, mm, ss in the
@@ -210,8 +211,11 @@ def card_scalar_points(device: ModbusDevice) -> tuple[ModbusPoint, ...]:
 
 
 async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callable[[], int],
-                       limits: DeviceLimits | None = None) -> CardReading | None:
-    """One consistent card from `device`, or None when the device holds no card yet (n_points == 0).
+                       limits: DeviceLimits | None = None,
+                       known_at_ns: int | None = None) -> CardReading | None:
+    """One consistent card from `device`, or None when the device holds no card yet (n_points == 0)
+    or still holds the card acquired at `known_at_ns` (one the caller already has: only the header is
+    read, 2 requests of the default map's 11).
 
     Reader errors propagate (the caller decides about retries and quarantine). A card that keeps
     changing during capture is returned with quality BAD and reason "torn"; an impossible point count
@@ -243,6 +247,8 @@ async def capture_card(reader: Reader, device: ModbusDevice, *, clock_ns: Callab
                                                     utc_offset_h=spec.utc_offset_h)
         except ValueError as exc:
             return _bad(device, scalars, image, clock_ns(), f"bad acquisition time: {exc}")
+        if acquired_at_ns == known_at_ns:
+            return None  # the RTU has no newer card: leave its curves unread
         for start, count in _planned_curves(layout.curve_starts, n, max_count, device.max_gap, forbidden):
             image.add(start, count, await reader("holding", start, count))
         again = image.add(time_pdu, TIME_WORDS, await reader("holding", time_pdu, TIME_WORDS))

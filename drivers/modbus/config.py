@@ -169,6 +169,7 @@ class CardSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_points: int = 250
     scalars: tuple[str, ...] = ()  # names of device points captured with (and stored in) the card
     consistency_attempts: int = 3  # captures tried before a torn card is reported BAD
+    trigger_timeout_s: float = 60.0  # after a trigger write, how long to wait for a new acquisition time
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
@@ -179,6 +180,8 @@ class CardSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("utc_offset_h must be in -14..14")
         if self.consistency_attempts < 1:
             raise ValueError("consistency_attempts must be >= 1")
+        if not 0 < self.trigger_timeout_s <= 3600:
+            raise ValueError("trigger_timeout_s must be within (0, 3600] s")
         for name in ("interval_register", "trigger_register", "set_points_register", "n_points_register",
                      "acquisition_time_register", "position_curve", "load_curve", "current_curve",
                      "power_curve"):

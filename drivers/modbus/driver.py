@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 
 from drivers.base import CardReading, Emit, Quality, Reading, Value
 from drivers.modbus.blockdecode import block_decoder
-from drivers.modbus.card import capture_card
+from drivers.modbus.card import TIME_WORDS, capture_card
 from drivers.modbus.client import ModbusClient, ModbusError, ModbusRtuClient, ModbusTcpClient
-from drivers.modbus.config import ModbusDevice, ModbusPoint, Table, modicon_to_pdu
+from drivers.modbus.config import CardSpec, ModbusDevice, ModbusPoint, Table, modicon_to_pdu
 from drivers.modbus.decode import encode
 from drivers.modbus.planner import DeviceLimits, ReadBlock, learn_illegal_address, learn_max_count, plan_reads
 from drivers.scheduling import Backoff, Schedule
@@ -46,7 +46,12 @@ from drivers.scheduling import Backoff, Schedule
 log = logging.getLogger(__name__)
 
 CARD_JOB = "__card__"
+TRIGGER_POLL_S = 0.5  # how often card_now reads the acquisition time while it waits for a triggered card
 GOOD = Quality.GOOD
+
+
+class _NoNewCard(Exception):
+    """A triggered card did not come: the trigger was refused or the acquisition time never changed."""
 
 
 class DeviceFailed(Exception):
@@ -68,6 +73,7 @@ class _DeviceState:
     status: Quality = Quality.UNCERTAIN
     reason: str | None = "not polled yet"
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    card_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one capture at a time per device
 
     def groups(self) -> dict[str, list[ModbusPoint]]:
         out: dict[str, list[ModbusPoint]] = {}
@@ -177,11 +183,12 @@ class _Session:
             return learn_max_count(block, st.limits, returned)
         return None
 
-    async def capture(self, st: _DeviceState) -> CardReading | None:
+    async def capture(self, st: _DeviceState, known_at_ns: int | None = None) -> CardReading | None:
         reader = functools.partial(self.read, st)  # registers: the card reads holding only
         for attempt in (1, 2):
             try:
-                return await capture_card(reader, st.device, clock_ns=self.clock_ns, limits=st.limits)
+                return await capture_card(reader, st.device, clock_ns=self.clock_ns, limits=st.limits,
+                                          known_at_ns=known_at_ns)
             except ModbusError as exc:  # the device answered, but refused part of the card
                 if attempt == 1 and exc.kind in ("exception", "frame") and await self._learn_card_layout(st):
                     continue
@@ -302,13 +309,12 @@ class ModbusDriver:
 
     async def _run_job(self, st: _DeviceState, key: str, emit: Emit) -> None:
         if key == CARD_JOB:
-            card = await self._session.capture(st)
-            # A card is emitted once: the schedule may find the same card again before the RTU has a new one.
-            repeated = card is not None and card.acquired_at_ns == st.last_card_at_ns
-            if card is not None and (card.quality != Quality.GOOD or not repeated):
-                if card.quality == Quality.GOOD:
-                    st.last_card_at_ns = card.acquired_at_ns
-                emit(card)
+            async with st.card_lock:  # card_now may be capturing this device's card too
+                # A card is emitted once: the schedule may find the same card again before the RTU has a
+                # new one; then only its header is read (None).
+                card = await self._session.capture(st, known_at_ns=st.last_card_at_ns)
+                if card is not None and self._is_new(st, card):
+                    emit(card)
         else:
             for r in await self._session.read_points(st, st.plans.get(key, ())):
                 emit(r)
@@ -338,6 +344,69 @@ class ModbusDriver:
         if len(hits) != 1:
             raise KeyError(f"point {point!r} matches {len(hits)} devices; use 'device/point'")
         return hits[0]
+
+    @staticmethod
+    def _is_new(st: _DeviceState, card: CardReading) -> bool:
+        """False for a GOOD card already emitted; else True, and a GOOD card becomes the device's newest."""
+        if card.quality != Quality.GOOD:
+            return True
+        if card.acquired_at_ns == st.last_card_at_ns:
+            return False
+        st.last_card_at_ns = card.acquired_at_ns
+        return True
+
+    async def card_now(self, device: str, *, trigger: bool = True) -> tuple[CardReading | None, bool]:
+        """Capture `device`'s card now, for the "card.capture" command: (card, new).
+
+        With `trigger`: read the acquisition time, write 1 to the trigger register, read the time
+        again every `TRIGGER_POLL_S` until it changes (at most `CardSpec.trigger_timeout_s`), then
+        capture the new card. Without: capture the card the RTU holds. Requests go through the
+        device's bus like the schedule's, and the schedule's own capture of this device waits for
+        this one (and the other way round), so a card is emitted once: `new` is False when the
+        device's schedule already emitted this card, and the caller must not emit it again. The card
+        is None when the device holds none yet. A failure gives a BAD card with the reason and
+        `new` False: it answers the command and is not recorded (the device's schedule records the
+        failures of its own jobs). KeyError for an unknown device, ValueError for one without a card
+        (or, with `trigger`, without a trigger register).
+        """
+        st = self._session.states.get(device)
+        if st is None:
+            raise KeyError(f"no device {device!r}")
+        spec = st.device.card
+        if spec is None:
+            raise ValueError(f"device {device!r} has no card configured")
+        if trigger and spec.trigger_register is None:
+            raise ValueError(f"device {device!r}: its card has no trigger register")
+        try:
+            if trigger:
+                await self._trigger_card(st, spec)
+            async with st.card_lock:
+                card = await self._session.capture(st)
+                return card, card is not None and self._is_new(st, card)
+        except (ModbusError, DeviceFailed, _NoNewCard) as exc:
+            reason = exc.reason if isinstance(exc, (ModbusError, DeviceFailed)) else str(exc)
+            return CardReading(device=device, acquired_at_ns=0, n_points=0, position_m=(), load_kn=(),
+                               current_a=None, power_kw=None, quality=Quality.BAD, ts_ns=self._clock_ns(),
+                               reason=f"card: {reason}"), False
+
+    async def _trigger_card(self, st: _DeviceState, spec: CardSpec) -> None:
+        """Write the trigger register and wait until the acquisition time changes (_NoNewCard if not)."""
+        assert spec.trigger_register is not None
+        time_pdu = modicon_to_pdu(spec.acquisition_time_register)[1]
+        d = st.device
+        before = await self._session.read(st, "holding", time_pdu, TIME_WORDS)
+        try:
+            async with st.write_lock:
+                await st.client.write_registers(modicon_to_pdu(spec.trigger_register)[1], [1],
+                                                unit_id=d.unit_id, timeout_s=d.timeout_s)
+        except ModbusError as exc:
+            raise _NoNewCard(f"trigger refused: {exc.reason}") from exc
+        deadline_s = self._monotonic() + spec.trigger_timeout_s
+        while (left_s := deadline_s - self._monotonic()) > 0:
+            await self._sleep(min(TRIGGER_POLL_S, left_s))
+            if await self._session.read(st, "holding", time_pdu, TIME_WORDS) != before:
+                return
+        raise _NoNewCard(f"no new card within {spec.trigger_timeout_s:g} s of the trigger")
 
     async def write(self, point: str, value: Value) -> Reading:
         """Write a writable point and confirm by reading it back (GOOD if equal within one scale step).

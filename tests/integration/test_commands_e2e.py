@@ -21,6 +21,7 @@ from tests.integration.commands_support import (
     device,
     operator,
     running_agent,
+    wait_for,
     wellsite,
 )
 from uplink.mqtt.packets import Properties
@@ -57,6 +58,37 @@ async def test_a_setpoint_write_is_confirmed_by_read_back_and_a_redelivery_is_no
         assert refused.code == ResultCode.INVALID
         unknown = await ask(op, "point.write", {"point": "nowhere/x", "value": 1})
         assert unknown.code == ResultCode.INVALID and "nowhere" in unknown.message
+
+
+async def test_card_capture_triggers_the_rtus_next_card_and_queues_each_card_once(
+    tmp_path: Path, broker_port: int, site: Wellsite
+) -> None:
+    # the schedule's card interval is long: every card after the first comes from the command
+    doc = config_doc(tmp_path / "agent", broker_port, [device(site, 0, card={"interval_s": 3600.0})])
+    well = site.well("well-001")
+    async with running_agent(doc) as agent, operator(broker_port) as op:
+        pipeline = agent.pipeline
+        assert pipeline is not None
+        await wait_for(lambda: pipeline.stats.cards_in == 1)  # the schedule's first capture
+        cards_before = len(well.cards())
+        notes: list[str] = []
+        resp = await ask(
+            op, "card.capture", {"device": "well-001"}, on_progress=lambda r: notes.append(r.message)
+        )
+        assert resp.code == ResultCode.OK, resp.message
+        assert resp.result is not None and resp.result["triggered"] and resp.result["queued"]
+        assert len(well.cards()) == cards_before + 1  # the RTU made a card for the trigger...
+        assert resp.result["acquired_at_ns"] == well.cards()[-1].ts_ns  # ...and that card came back
+        assert any("triggering a card on well-001" in n for n in notes)
+        assert pipeline.stats.cards_in == 2
+        held = await ask(op, "card.capture", {"device": "well-001", "trigger": False})
+        assert held.code == ResultCode.OK and held.result is not None
+        assert held.result["acquired_at_ns"] == resp.result["acquired_at_ns"] and not held.result["queued"]
+        assert "already queued" in held.message and pipeline.stats.cards_in == 2
+        no_card = await ask(op, "card.capture", {"device": "well-002"})
+        assert no_card.code == ResultCode.INVALID and "well-002" in no_card.message
+        wrong = await ask(op, "card.capture", {"device": "well-001", "trigger": "yes"})
+        assert wrong.code == ResultCode.INVALID and "args.trigger" in wrong.message
 
 
 async def test_unknown_and_malformed_commands_get_one_clear_error_each(
