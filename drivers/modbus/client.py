@@ -297,6 +297,7 @@ class ModbusTcpClient:
         self._futures: dict[int, asyncio.Future[bytes]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_s = math.inf
+        self._idle_check = False  # a _disarm_if_idle call is scheduled
         self._connect_lock = asyncio.Lock()
         self._turns = _Turns(max_in_flight)
 
@@ -441,9 +442,22 @@ class ModbusTcpClient:
                                                       detail=ev.reason))
             else:  # StreamBroken: a stream out of step cannot be trusted with the next answer
                 self.close()
+        if self._timer is not None and not self._session.in_flight and not self._idle_check:
+            # Runs after the tasks just woken: a caller that goes on sends its next request first.
+            self._idle_check = True
+            asyncio.get_running_loop().call_soon(self._disarm_if_idle)
+
+    def _disarm_if_idle(self) -> None:
+        # Nothing outstanding once the woken callers have run: drop the deadline timer rather than
+        # let it wake the loop seconds later for nothing (a wake-up per job on a fleet of devices).
+        self._idle_check = False
+        if self._timer is not None and not self._session.in_flight:
+            self._timer.cancel()
+            self._timer, self._timer_at_s = None, math.inf
 
     def _arm(self, at_s: float) -> None:
         # One timer per connection, for the earliest deadline; later deadlines wait for it to fire.
+        # It is dropped when the connection falls idle (_disarm_if_idle).
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at_s = at_s

@@ -72,3 +72,26 @@ async def test_a_port_nobody_listens_on_is_a_connection_error():
     with pytest.raises(ModbusError) as err:
         await client.read("holding", 0, 1, unit_id=1)
     assert err.value.kind == "connection" and not client.connected
+
+
+async def test_an_idle_connection_keeps_no_deadline_timer_and_a_silent_unit_still_times_out():
+    async with Wellsite(2, seed=5, clock=FakeClock()) as ws:
+        port = ws.endpoints[0][2]
+        client = ModbusTcpClient("127.0.0.1", port, timeout_s=0.3, max_in_flight=2)
+        try:
+            for start in (299, 980, 1000):  # back to back: the timer is not dropped between requests
+                await client.read("holding", start, 5, unit_id=1)
+                assert client._timer is not None
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert client._timer is None  # idle: nothing would wake the loop in 0.3 s
+            ws.set_fault("well-002", "silent")
+            silent = asyncio.create_task(client.read("holding", 299, 2, unit_id=2))
+            await client.read("holding", 299, 2, unit_id=1)  # answered while unit 2 is outstanding
+            await asyncio.sleep(0.05)
+            assert client._timer is not None  # unit 2's deadline is still watched
+            with pytest.raises(ModbusError) as err:
+                await silent
+        finally:
+            client.close()
+        assert err.value.kind == "timeout"
