@@ -174,6 +174,10 @@ class MbapSession:
         pending = self._pending.pop(tid, None)
         if pending is not None and self._units.get(pending.unit_id) == tid:
             del self._units[pending.unit_id]
+        if not self._pending:
+            # Every deadline left is stale. Clear them here: a caller that drops its timer while the
+            # connection is idle never calls next_deadline, and the heap would grow by one per request.
+            self._deadlines.clear()
 
     def _break(self, reason: str) -> list[Event]:
         failed: list[Event] = [RequestFailed(tid, reason) for tid in self._pending]

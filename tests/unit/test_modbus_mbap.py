@@ -45,6 +45,19 @@ def test_answers_are_matched_by_transaction_id_in_whatever_order_they_come():
     assert s.in_flight == 0 and not s.busy(1) and not s.busy(2)
 
 
+def test_deadlines_of_answered_requests_do_not_pile_up_when_nobody_asks_for_the_next_one():
+    # a caller that drops its timer while idle never calls next_deadline: the heap must not grow
+    s = MbapSession()
+    for k in range(1000):
+        tid = s.send_request(1, READ_10, deadline_s=float(k))
+        s.data_to_send()
+        s.receive_data(answer(tid, 1, [0] * 10))
+    assert s.in_flight == 0 and len(s._deadlines) == 0
+    later = s.send_request(1, READ_10, deadline_s=5.0)
+    assert s.next_deadline() == 5.0
+    assert s.handle_deadline(5.0) == [RequestFailed(later, "timeout")]
+
+
 def test_a_frame_split_anywhere_is_reassembled():
     s = MbapSession()
     tid = s.send_request(1, READ_10, deadline_s=1.0)
