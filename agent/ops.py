@@ -349,7 +349,11 @@ class Operations:
             raise CommandError(ResultCode.INVALID, f"args.trigger: device {name!r} has no trigger register")
         if trigger:
             await progress(f"triggering a card on {name}; waiting up to {spec.trigger_timeout_s:g} s for it")
-        card, new = await driver.card_now(name, trigger=trigger)
+        try:
+            card, new = await driver.card_now(name, trigger=trigger)
+        except (KeyError, ValueError) as exc:  # the device or its card went away in a config change
+            why = exc.args[0] if exc.args else exc
+            raise CommandError(ResultCode.INVALID, f"args.device: {why}") from None
         if card is None:
             return Outcome(ResultCode.FAILED, f"{name} holds no card yet (point count 0)")
         if new:
