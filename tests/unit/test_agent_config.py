@@ -99,6 +99,14 @@ def test_the_a11_profile_expands_to_the_a11_map_and_card_with_overrides() -> Non
     assert dev.card is not None and dev.card.interval_s == 600 and dev.card.load_curve == 41251
 
 
+@pytest.mark.parametrize("timeout_s", [0, -1, 7200])
+def test_a_card_trigger_timeout_outside_its_range_is_refused_with_its_path(timeout_s: float) -> None:
+    device = {"name": "w", "host": "h", "profile": "a11", "card": {"trigger_timeout_s": timeout_s}}
+    with pytest.raises(ConfigError) as info:
+        parse_config({**MINIMAL, "modbus": [device]})
+    assert info.value.path.startswith("modbus[0]") and "trigger_timeout_s" in str(info.value)
+
+
 def test_an_unknown_profile_is_named() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({**MINIMAL, "modbus": [{"name": "w", "host": "h", "profile": "a12"}]})
