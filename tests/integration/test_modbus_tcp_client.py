@@ -83,12 +83,13 @@ async def test_an_idle_connection_keeps_no_deadline_timer_and_a_silent_unit_stil
                 await client.read("holding", start, 5, unit_id=1)
                 assert client._timer is not None
             await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the woken caller runs, then the scheduled idle check
             assert client._timer is None  # idle: nothing would wake the loop in 0.3 s
             ws.set_fault("well-002", "silent")
             silent = asyncio.create_task(client.read("holding", 299, 2, unit_id=2))
             await client.read("holding", 299, 2, unit_id=1)  # answered while unit 2 is outstanding
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the passes that dropped the idle timer above
             assert client._timer is not None  # unit 2's deadline is still watched
             with pytest.raises(ModbusError) as err:
                 await silent

@@ -96,22 +96,26 @@ async def test_sendto_reaches_the_peer_and_nothing_is_sent_or_read_after_close()
         peer.close()
 
 
+async def _connect_and_expect_connack(port: int, ca_file: str, client_id: str) -> None:
+    """An MQTT 5 client over QUIC connects to the listener and is accepted (CONNACK 0)."""
+    link = await open_quic("127.0.0.1", QuicSettings(port=port, ca_file=ca_file), keep_alive_s=30)
+    try:
+        await link.control.send(encode(Connect(client_id=client_id, protocol_level=MQTT_5), MQTT_5))
+        decoder = Decoder(MQTT_5)
+        packets: list[object] = []
+        async with asyncio.timeout(5.0):
+            while not packets:
+                packets = list(decoder.feed(await link.control.recv()))
+        assert isinstance(packets[0], ConnAck) and packets[0].reason_code == 0
+    finally:
+        await link.close()
+
+
 async def test_the_broker_quic_listener_reads_through_the_batched_transport(tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     running = await start_broker(pki, tls=False)
     try:
-        link = await open_quic("127.0.0.1", QuicSettings(port=running.quic_port, ca_file=pki.ca_file),
-                               keep_alive_s=30)
-        try:
-            await link.control.send(encode(Connect(client_id="batch-check", protocol_level=MQTT_5), MQTT_5))
-            decoder = Decoder(MQTT_5)
-            packets: list[object] = []
-            async with asyncio.timeout(5.0):
-                while not packets:
-                    packets = list(decoder.feed(await link.control.recv()))
-            assert isinstance(packets[0], ConnAck) and packets[0].reason_code == 0
-        finally:
-            await link.close()
+        await _connect_and_expect_connack(running.quic_port, pki.ca_file, "batch-check")
         transport = running.quic.transport
         assert isinstance(transport, BatchedDatagramTransport)
         assert transport.datagrams >= transport.batches > 0
@@ -135,18 +139,7 @@ async def test_garbage_datagrams_are_dropped_and_the_listener_keeps_serving(tmp_
         transport = running.quic.transport
         assert transport is not None
         await eventually(lambda: transport.datagrams >= 600, 5.0, "every garbage datagram read")
-        link = await open_quic("127.0.0.1", QuicSettings(port=running.quic_port, ca_file=pki.ca_file),
-                               keep_alive_s=30)
-        try:
-            await link.control.send(encode(Connect(client_id="after-garbage", protocol_level=MQTT_5), MQTT_5))
-            decoder = Decoder(MQTT_5)
-            packets: list[object] = []
-            async with asyncio.timeout(5.0):
-                while not packets:
-                    packets = list(decoder.feed(await link.control.recv()))
-            assert isinstance(packets[0], ConnAck) and packets[0].reason_code == 0
-        finally:
-            await link.close()
+        await _connect_and_expect_connack(running.quic_port, pki.ca_file, "after-garbage")
         assert running.quic.accepting
     finally:
         blaster.close()
