@@ -28,8 +28,15 @@ class ClockState(StrEnum):
     UNSYNCED = "unsynced"  # taken before the first time sync (e.g. boot without RTC)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reading:
+    """One point's value. Treat it as immutable: derive a changed copy with `dataclasses.replace`.
+
+    Not `frozen=True` on purpose: a frozen dataclass's `__init__` sets each field through
+    `object.__setattr__` (1.6 us per reading on the reference machine against 0.3 us), and a fleet
+    creates one per scalar per poll (~2,300 a second for 833 wells), all on the event loop.
+    """
+
     device: str
     point: str
     value: Value

@@ -252,9 +252,13 @@ class ModbusDriver:
         """What the driver has learned about a device's addressing so far."""
         return self._session.states[device].limits
 
+    def plans(self, device: str) -> dict[str, tuple[ReadBlock, ...]]:
+        """Poll group -> the read requests one poll of it currently costs."""
+        return {group: tuple(blocks) for group, blocks in self._session.states[device].plans.items()}
+
     def plan(self, device: str) -> tuple[ReadBlock, ...]:
         """The read requests one poll of every group of the device currently costs."""
-        return tuple(b for blocks in self._session.states[device].plans.values() for b in blocks)
+        return tuple(b for blocks in self.plans(device).values() for b in blocks)
 
     def requests_sent(self) -> int:
         return sum(c.requests for c in self._session.clients.values())
@@ -318,7 +322,7 @@ class ModbusDriver:
         else:
             for r in await self._session.read_points(st, st.plans.get(key, ())):
                 emit(r)
-        st.status, st.reason = Quality.GOOD, None
+        st.status, st.reason = GOOD, None
 
     async def acquire_once(self, device: str, *, card: bool = True) -> list[Reading | CardReading]:
         """Poll every group of one device now (and capture its card), keeping what the driver has

@@ -275,6 +275,10 @@ class ExceptionAnswer(Exception):
         self.code = code
 
 
+# Big-endian register arrays by word count: a read answer carries at most 127 words (byte count <= 254).
+_WORDS = tuple(struct.Struct(f">{n}H") for n in range(128))
+
+
 def decode_read_response(function: int, count: int, pdu: bytes) -> list[int] | list[bool]:
     """The registers (FC 03/04) or bits (FC 01/02) a read response carries.
 
@@ -289,7 +293,7 @@ def decode_read_response(function: int, count: int, pdu: bytes) -> list[int] | l
     if function >= 3:
         if pdu[1] & 1:
             raise BadResponse("garbage")  # registers come in whole 2-byte words
-        return list(struct.unpack_from(f">{pdu[1] >> 1}H", pdu, 2))
+        return list(_WORDS[pdu[1] >> 1].unpack_from(pdu, 2))
     data = pdu[2:]
     return [bool((data[i >> 3] >> (i & 7)) & 1) for i in range(min(count, 8 * len(data)))]
 

@@ -14,7 +14,16 @@ poll-to-commit latency p50/p99 per record (from the reading's timestamp to the c
 target p50 <= 100 ms), values lost (acquired but not committed; target 0), and for the stress case the
 share of the scheduled values actually acquired (a bus that cannot keep up skips polls; a card holds
 28 scalars + 4 x 200 curve points, or 2 x 200 for the fifth of the wells without a power meter) and
-the simulator's CPU share (whether the simulator, not the agent, is the limit). The agent's CPU is also
+the simulator's CPU share (whether the simulator, not the agent, is the limit).
+
+The floor (fleet case, unless `--skip-floor`): while the agent runs, a bare client in its own process,
+against its own simulator, sends the very same requests on the same schedule (the agent's read plan,
+the card's request sequence recorded from one capture, `drivers.scheduling.Schedule` phases) on the
+same event loop, and does only what any Python Modbus/TCP client must: frame, send, receive, unpack
+the registers. No decoding into points, no pipeline, no store. `ratio_to_floor` = agent CPU per request
+/ floor CPU per request, measured side by side: it says how much our acquisition costs above the least
+a Python process on this machine can spend on the same bus traffic, and unlike the absolute figure it
+does not move with the shared machine's load. The agent's CPU is also
 split by thread (event loop vs the store's writer), and BAD readings are counted by reason. `--loop` picks
 the agent child's event loop as `edge-agent run --loop` does: auto (the default, like the agent's) is uvloop
 when it is installed, else asyncio; the simulator always runs on asyncio, so the loops compare on the same
@@ -30,6 +39,7 @@ import json
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,13 +47,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from agent.pipeline import Pipeline
 from agent.runtime import settle_gc
 from drivers.base import CardReading, Quality, Reading
-from drivers.modbus.config import A11_CARD_SCALARS
-from drivers.modbus.driver import ModbusDriver
+from drivers.modbus.card import capture_card
+from drivers.modbus.client import ModbusTcpClient
+from drivers.modbus.config import A11_CARD_SCALARS, ModbusDevice, Table
+from drivers.modbus.driver import CARD_JOB, ModbusDriver
+from drivers.scheduling import Schedule
 from hil.bench import result_line
 from hil.cards import well_profile
 from hil.wellsite import Endpoint, Wellsite, agent_devices_for
@@ -65,6 +78,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stress-duration-s", type=float, default=30.0)
     p.add_argument("--skip-fleet", action="store_true")
     p.add_argument("--skip-stress", action="store_true")
+    p.add_argument("--skip-floor", action="store_true",
+                   help="fleet case without the bare client measured side by side (no ratio_to_floor)")
     p.add_argument("--profile", metavar="PREFIX", default="",
                    help="cProfile each case's agent into PREFIX.fleet and PREFIX.stress")
     p.add_argument("--loop", choices=LOOPS, default="auto",
@@ -188,6 +203,114 @@ def _peak_rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
+# -- floor child -------------------------------------------------------------------------------------
+_READ_FUNCTION = {"holding": 3, "input": 4, "coil": 1, "discrete_input": 2}
+_REQUEST = struct.Struct(">HHHBBHH")  # MBAP header (tid, protocol 0, length 6, unit) + read PDU
+
+
+class _FloorConnection(asyncio.BufferedProtocol):
+    """The least a Modbus/TCP read costs a Python client: frame, send, await the answer, unpack it."""
+
+    def __init__(self) -> None:
+        self._buffer = memoryview(bytearray(4096))
+        self._waiter: asyncio.Future[bytes] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._tid = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(bytes(self._buffer[:nbytes]))  # one answer per read: nothing else is sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("the simulator closed the connection"))
+
+    async def read(self, unit: int, function: int, start: int, count: int) -> tuple[int, ...]:
+        assert self._transport is not None
+        self._tid = self._tid % 0xFFFF + 1
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(_REQUEST.pack(self._tid, 0, 6, unit, function, start, count))
+        answer = await self._waiter
+        if len(answer) < 9 or answer[7] != function:
+            raise RuntimeError(f"floor: unexpected answer {answer[:16].hex()}")
+        return struct.unpack_from(f">{answer[8] >> 1}H", answer, 9)
+
+
+class _Recorder:
+    """A card reader that performs the reads and records them: the agent's request sequence of a card."""
+
+    def __init__(self, client: ModbusTcpClient, unit_id: int) -> None:
+        self.client, self.unit_id = client, unit_id
+        self.requests: list[tuple[Table, int, int]] = []
+
+    async def __call__(self, table: Table, start: int, count: int) -> Sequence[int]:
+        self.requests.append((table, start, count))
+        words = await self.client.read(table, start, count, unit_id=self.unit_id, timeout_s=5.0)
+        return [int(w) for w in words]
+
+
+async def _card_requests(device: ModbusDevice) -> list[tuple[Table, int, int]]:
+    """The requests one full capture of the device's card costs, recorded from a capture."""
+    client = ModbusTcpClient(device.host, device.port, timeout_s=5.0)
+    try:
+        reader = _Recorder(client, device.unit_id)
+        card = await capture_card(reader, device, clock_ns=time.time_ns)
+        if card is None or card.quality != Quality.GOOD:
+            raise RuntimeError(f"floor: {device.name} gave no card to record its requests from")
+        return reader.requests
+    finally:
+        client.close()
+
+
+async def run_floor(endpoints: list[Endpoint], *, duration_s: float, scalar_interval_s: float,
+                    card_interval_s: float) -> dict[str, Any]:
+    """The bare client's CPU per request on the agent's request pattern (see the module docstring)."""
+    devices = agent_devices_for(endpoints, poll_interval_s=scalar_interval_s, card_interval_s=card_interval_s,
+                                timeout_s=5.0)
+    planner = ModbusDriver(devices)  # only for its read plans: never run
+    card_requests = await _card_requests(devices[0])
+    loop = asyncio.get_running_loop()
+    requests = 0
+
+    async def well(device: ModbusDevice, slot: int, start_s: float) -> None:
+        nonlocal requests
+        _, conn = await loop.create_connection(_FloorConnection, device.host, device.port)
+        unit = device.unit_id
+        jobs: dict[str, list[tuple[int, int, int]]] = {
+            g: [(_READ_FUNCTION[b.table], b.start, b.count) for b in blocks]
+            for g, blocks in planner.plans(device.name).items()}
+        jobs[CARD_JOB] = [(_READ_FUNCTION[t], start, count) for t, start, count in card_requests]
+        schedule = Schedule([(key, card_interval_s if key == CARD_JOB else device.interval_of(key))
+                             for key in jobs], now_s=start_s, first_slot=slot * len(jobs))
+        while True:
+            delay = schedule.next_deadline() - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            for key in schedule.pop_due(time.monotonic()):
+                for function, start, count in jobs[key]:
+                    await conn.read(unit, function, start, count)
+                    requests += 1
+
+    settle_gc()
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(well(d, slot, t0)) for slot, d in enumerate(devices)]
+        await asyncio.sleep(duration_s)
+        for task in tasks:
+            task.cancel()
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    return {"requests": requests, "cpu_s": cpu_s, "us_per_request": 1e6 * cpu_s / max(1, requests)}
+
+
 # -- orchestration -----------------------------------------------------------------------------------
 def _child(*argv: str) -> subprocess.Popen[str]:
     root = Path(__file__).resolve().parents[2]
@@ -196,31 +319,56 @@ def _child(*argv: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, text=True)
 
 
+async def _serve_child(wells: int, card_interval_s: float, endpoints_file: Path) -> subprocess.Popen[str]:
+    """A simulator child serving `wells`; returns once its endpoints are written to `endpoints_file`."""
+    sim = _child("sim", str(wells), str(card_interval_s))
+    assert sim.stdout is not None
+    line = await asyncio.to_thread(sim.stdout.readline)
+    if not line:
+        sim.wait(30)
+        raise RuntimeError("the simulator exited before serving")
+    await asyncio.to_thread(endpoints_file.write_text, line)
+    return sim
+
+
+async def _result_of(child: subprocess.Popen[str], what: str) -> dict[str, Any]:
+    out, _ = await asyncio.to_thread(child.communicate, timeout=CHILD_TIMEOUT_S)
+    if child.returncode != 0:
+        raise RuntimeError(f"the {what} child failed with {child.returncode}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
 async def _case(label: str, *, wells: int, duration_s: float, scalar_interval_s: float,
                 card_interval_s: float, sim_card_interval_s: float | None = None,
-                profile: str = "", loop: str = "asyncio") -> dict[str, Any]:
+                profile: str = "", loop: str = "asyncio", floor: bool = False) -> dict[str, Any]:
+    sims: list[subprocess.Popen[str]] = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-        sim = _child("sim", str(wells), str(sim_card_interval_s or card_interval_s))
         try:
-            assert sim.stdout is not None
-            line = await asyncio.to_thread(sim.stdout.readline)
-            if not line:
-                raise RuntimeError("the simulator exited before serving")
-            await asyncio.to_thread(Path(tmp, "endpoints.json").write_text, line)
-            print(f"{label}: {wells} wells served, agent running {duration_s:.0f} s on {loop}", flush=True)
+            sim_card_s = str(sim_card_interval_s or card_interval_s)
+            sims.append(await _serve_child(wells, float(sim_card_s), Path(tmp, "endpoints.json")))
+            if floor:  # its own simulator: the two clients must not share a server's queueing
+                sims.append(await _serve_child(wells, float(sim_card_s), Path(tmp, "floor.json")))
+            print(f"{label}: {wells} wells served, agent running {duration_s:.0f} s on {loop}"
+                  + (", the bare client beside it" if floor else ""), flush=True)
             agent = _child("agent", label, str(Path(tmp, "endpoints.json")), str(duration_s),
                            str(scalar_interval_s), str(card_interval_s), str(Path(tmp, "queue.db")), profile,
                            loop)
-            sim_cpu0_s, t0 = _process_cpu_s(sim.pid), time.monotonic()
-            out, _ = await asyncio.to_thread(agent.communicate, timeout=CHILD_TIMEOUT_S)
+            bare = (_child("floor", str(Path(tmp, "floor.json")), str(duration_s), str(scalar_interval_s),
+                           str(card_interval_s), loop) if floor else None)
+            sim_cpu0_s, t0 = _process_cpu_s(sims[0].pid), time.monotonic()
+            result = await _result_of(agent, "agent")
             # the simulator's CPU share of one core while the agent ran (start-up included): is it the limit?
-            sim_share = (_process_cpu_s(sim.pid) - sim_cpu0_s) / (time.monotonic() - t0)
-            if agent.returncode != 0:
-                raise RuntimeError(f"the agent child failed with {agent.returncode}")
-            return {**json.loads(out.strip().splitlines()[-1]), "sim_cpu_share": round(sim_share, 3)}
+            sim_cpu_s = _process_cpu_s(sims[0].pid) - sim_cpu0_s
+            result["sim_cpu_share"] = round(sim_cpu_s / (time.monotonic() - t0), 3)
+            if bare is not None:
+                result["floor"] = await _result_of(bare, "floor")
+            return result
         finally:
-            sim.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(sim.wait, 30)
+            for sim in sims:
+                sim.send_signal(signal.SIGTERM)
+            for sim in sims:
+                await asyncio.to_thread(sim.wait, 30)
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -232,11 +380,19 @@ async def main(args: argparse.Namespace) -> int:
     if not args.skip_fleet:
         r = await _case("fleet", wells=args.wells, duration_s=args.duration_s,
                         scalar_interval_s=args.scalar_interval_s, card_interval_s=600.0 / args.speedup,
-                        profile=args.profile and f"{args.profile}.fleet", loop=loop)
+                        profile=args.profile and f"{args.profile}.fleet", loop=loop,
+                        floor=not args.skip_floor)
         print(f"fleet: {r}", flush=True)
         out.update(wells=args.wells, values=int(r["committed"]), cpu_ms_per_1k=r["cpu_ms_per_1k"],
                    rss_mb=r["rss_mb"], p50_ms=r["p50_ms"], p99_ms=r["p99_ms"], lost=int(r["lost"]),
                    bad=int(r["bad"]))
+        if "floor" in r:
+            agent_us = 1e6 * (r["user_s"] + r["sys_s"]) / max(1, r["requests"])
+            floor_us = r["floor"]["us_per_request"]
+            # the floor's CPU on the agent's requests per 1,000 values: the least this machine can spend
+            floor_ms_per_1k = floor_us * r["requests"] / max(1, r["committed"])
+            out.update(us_per_request=agent_us, floor_us_per_request=floor_us,
+                       floor_cpu_ms_per_1k=floor_ms_per_1k, ratio_to_floor=agent_us / floor_us)
     if not args.skip_stress:
         # the RTUs publish a little faster than once a second, so most one-second captures find a new card
         s = await _case("stress", wells=args.stress_wells, duration_s=args.stress_duration_s,
@@ -286,6 +442,14 @@ def _child_main(argv: list[str]) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket per well
     if argv[0] == "sim":
         asyncio.run(_serve(int(argv[1]), float(argv[2])))
+        return 0
+    if argv[0] == "floor":
+        endpoints_file, duration, scalar_s, card_s, floor_loop = argv[1:6]
+        floor_endpoints = [tuple(e) for e in json.loads(Path(endpoints_file).read_text())]
+        floor_run = run_floor(floor_endpoints, duration_s=float(duration), scalar_interval_s=float(scalar_s),
+                              card_interval_s=float(card_s))
+        with asyncio.Runner(loop_factory=_loop_factory(floor_loop)) as runner:
+            print(json.dumps(runner.run(floor_run)), flush=True)
         return 0
     label, endpoints_file, duration, scalar_s, card_s, db, profile, loop = argv[1:9]
     endpoints = [tuple(e) for e in json.loads(Path(endpoints_file).read_text())]
