@@ -98,7 +98,7 @@ def _build_decoder(point: ModbusPoint) -> Decoder:
 
 
 _F32 = struct.Struct(">f")
-_SHORT_FORMATS = ("%.6g", "%.7g", "%.8g", "%.9g")  # 9 significant digits always round-trip a float32
+_SHORT_DIGITS = (6, 7, 8)  # then 9, which always round-trips a float32
 
 
 def shortest_f32(raw: float) -> float:
@@ -106,17 +106,21 @@ def shortest_f32(raw: float) -> float:
 
     A float32 widened to float64 prints as 1.4299999475479126; the shortest decimal that packs back
     to the same 4 bytes (1.43) is the value the device meant, and encodes back identically. `raw`
-    must be a float32 value (unpacked from 4 bytes); non-finite values are returned as they are.
+    must be a float32 value (unpacked from 4 bytes); non-finite values and zeros are returned as they
+    are. Candidates come from `round(raw, decimals)` (correctly rounded, like "%.Ng" formatting, but
+    without a string round trip: a quarter cheaper, and this runs for every f32 point of every poll).
     """
-    if not math.isfinite(raw):
+    if raw == 0.0 or not math.isfinite(raw):
         return raw
     pack = _F32.pack
     data = pack(raw)  # exact: a finite float32 survives float64 and back
-    for fmt in _SHORT_FORMATS:
-        candidate = float(fmt % raw)
+    exponent = math.floor(math.log10(abs(raw)))
+    for digits in _SHORT_DIGITS:
+        candidate = round(raw, digits - 1 - exponent)
         if pack(candidate) == data:
             return candidate
-    return raw
+    candidate = float(f"{raw:.9g}")
+    return candidate if pack(candidate) == data else raw
 
 
 def _raw_integer(point: ModbusPoint, value: float | int) -> int:

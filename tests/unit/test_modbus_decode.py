@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import random
+import struct
+
 import msgspec
 import pytest
 
 from drivers.modbus.card import curve_value, encode_acquisition_time, parse_acquisition_time
 from drivers.modbus.config import ModbusDevice, ModbusPoint, a11_card_spec, a11_device, modicon_to_pdu
-from drivers.modbus.decode import decode, encode
+from drivers.modbus.decode import decode, encode, shortest_f32
 
 
 def pt(type: str = "u16", **kw: object) -> ModbusPoint:
@@ -105,3 +109,32 @@ def test_curve_words_are_signed_and_scaled_without_binary_noise():
     assert curve_value(1234, 0.01) == 12.34
     assert curve_value(0xFF1A, 0.01) == -2.30
     assert curve_value(1234, 0.001) == 1.234
+
+
+def _shortest_by_formatting(raw: float) -> float:
+    """The definition: the first of 6..9 significant digits whose decimal packs back to the same float32."""
+    if raw == 0.0 or not math.isfinite(raw):
+        return raw
+    data = struct.pack(">f", raw)
+    for digits in (6, 7, 8, 9):
+        candidate = float(f"%.{digits}g" % raw)
+        if struct.pack(">f", candidate) == data:
+            return candidate
+    return raw
+
+
+def test_shortest_f32_is_the_shortest_decimal_of_the_same_float32_over_every_exponent():
+    rng = random.Random(7)
+    # random bit patterns reach every exponent (subnormals included); the rest are device-like values
+    patterns = [rng.getrandbits(32) for _ in range(20_000)]
+    raws = [struct.unpack(">f", struct.pack(">I", p))[0] for p in patterns]
+    raws += [struct.unpack(">f", struct.pack(">f", round(rng.uniform(-500, 500), rng.randint(0, 5))))[0]
+             for _ in range(20_000)]
+    raws += [1.43, 0.1, 12.56, 99999.99, 1e-38, 3.4e38, -0.0]
+    for raw in raws:
+        raw = struct.unpack(">f", struct.pack(">f", raw))[0] if math.isfinite(raw) else raw
+        got, want = shortest_f32(raw), _shortest_by_formatting(raw)
+        assert got == want or (math.isnan(got) and math.isnan(want)), raw
+        if math.isfinite(raw):
+            assert struct.pack(">f", got) == struct.pack(">f", raw)
+    assert shortest_f32(struct.unpack(">f", struct.pack(">f", 1.43))[0]) == 1.43
