@@ -46,6 +46,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException
 from drivers.modbus.config import Table
 from drivers.modbus.mbap import Event, MbapSession, RequestFailed, ResponseReceived
 from drivers.modbus.wire import (
+    REGISTERS,
     WRITE_MULTIPLE_COILS,
     WRITE_MULTIPLE_REGISTERS,
     WRITE_SINGLE_COIL,
@@ -353,6 +354,8 @@ class ModbusTcpClient:
         """`count` registers (ints) or bits (bools) from PDU address `start`."""
         function = _READ_FUNCTION[table]
         pdu = await self._exchange(unit_id, _READ_REQUEST.pack(function, start, count), timeout_s)
+        if function >= 3 and len(pdu) == 2 + 2 * count and pdu[0] == function and pdu[1] == 2 * count:
+            return list(REGISTERS[count].unpack_from(pdu, 2))  # the usual answer: every register asked
         try:
             values = decode_read_response(function, count, pdu)
         except ExceptionAnswer as exc:
@@ -403,10 +406,11 @@ class ModbusTcpClient:
         if not turns.take(unit_id):
             await turns.wait(unit_id)
         try:
-            if not self.connected:
-                await self.connect()
             transport = self._transport
-            assert transport is not None
+            if transport is None or transport.is_closing():
+                await self.connect()
+                transport = self._transport
+                assert transport is not None
             loop = asyncio.get_running_loop()
             deadline_s = loop.time() + (timeout_s or self.timeout_s)
             tid = self._session.send_request(unit_id, pdu, deadline_s)

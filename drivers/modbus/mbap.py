@@ -33,7 +33,7 @@ MBAP_HEADER = struct.Struct(">HHHB")
 MAX_MBAP_LENGTH = 254  # unit id + the longest PDU (253 bytes)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per answer, and a frozen init costs twice as much
 class ResponseReceived:
     tid: int
     unit_id: int

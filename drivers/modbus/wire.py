@@ -276,7 +276,7 @@ class ExceptionAnswer(Exception):
 
 
 # Big-endian register arrays by word count: a read answer carries at most 127 words (byte count <= 254).
-_WORDS = tuple(struct.Struct(f">{n}H") for n in range(128))
+REGISTERS = tuple(struct.Struct(f">{n}H") for n in range(128))
 
 
 def decode_read_response(function: int, count: int, pdu: bytes) -> list[int] | list[bool]:
@@ -293,7 +293,7 @@ def decode_read_response(function: int, count: int, pdu: bytes) -> list[int] | l
     if function >= 3:
         if pdu[1] & 1:
             raise BadResponse("garbage")  # registers come in whole 2-byte words
-        return list(_WORDS[pdu[1] >> 1].unpack_from(pdu, 2))
+        return list(REGISTERS[pdu[1] >> 1].unpack_from(pdu, 2))
     data = pdu[2:]
     return [bool((data[i >> 3] >> (i & 7)) & 1) for i in range(min(count, 8 * len(data)))]
 
