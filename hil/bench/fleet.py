@@ -391,7 +391,8 @@ async def main(args: argparse.Namespace) -> int:
             floor_us = r["floor"]["us_per_request"]
             # the floor's CPU on the agent's requests per 1,000 values: the least this machine can spend
             floor_ms_per_1k = floor_us * r["requests"] / max(1, r["committed"])
-            out.update(us_per_request=agent_us, floor_us_per_request=floor_us,
+            out.update(requests=r["requests"], floor_requests=r["floor"]["requests"],
+                       us_per_request=agent_us, floor_us_per_request=floor_us,
                        floor_cpu_ms_per_1k=floor_ms_per_1k, ratio_to_floor=agent_us / floor_us)
     if not args.skip_stress:
         # the RTUs publish a little faster than once a second, so most one-second captures find a new card

@@ -35,3 +35,7 @@ async def test_the_fleet_bench_commits_every_value_it_acquires(capsys):
     fields = dict(kv.split("=") for kv in line.removeprefix("bench fleet: ").split())
     assert fields["lost"] == "0" and fields["stress_lost"] == "0"
     assert int(fields["values"]) > 0
+    # the bare client ran beside the agent on the same kind of traffic, and the ratio compares the two
+    assert int(fields["requests"]) > 0 and int(fields["floor_requests"]) > 0
+    assert float(fields["ratio_to_floor"]) == pytest.approx(
+        float(fields["us_per_request"]) / float(fields["floor_us_per_request"]), rel=3e-3)
