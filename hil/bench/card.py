@@ -34,15 +34,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-points", type=int, default=200)
 
 
-class _Counting:
-    """A card reader over a client that records each request's register count."""
+class RecordingReader:
+    """A card reader over a client that performs each read and records it as (table, start, count)."""
 
     def __init__(self, client: ModbusClient, unit_id: int) -> None:
         self.client, self.unit_id = client, unit_id
-        self.counts: list[int] = []
+        self.requests: list[tuple[Table, int, int]] = []
+
+    @property
+    def counts(self) -> list[int]:
+        """The register count of each request, in order."""
+        return [count for _, _, count in self.requests]
 
     async def __call__(self, table: Table, start: int, count: int) -> list[int]:
-        self.counts.append(count)
+        self.requests.append((table, start, count))
         words = await self.client.read(table, start, count, unit_id=self.unit_id, timeout_s=5.0)
         return [int(w) for w in words]
 
@@ -61,7 +66,7 @@ async def _time_rtu_cards(device: ModbusDevice, args: argparse.Namespace, times:
     try:
         await rtu.connect()
         for k in range(args.cards):
-            counting = _Counting(rtu, device.unit_id)
+            counting = RecordingReader(rtu, device.unit_id)
             t0 = time.perf_counter()
             card = await capture_card(counting, device, clock_ns=time.time_ns)
             times.append(time.perf_counter() - t0)
@@ -78,7 +83,7 @@ async def main(args: argparse.Namespace) -> int:
     async with Wellsite(1, n_points=args.n_points) as site:
         (device,) = agent_devices_for(site)
         client = ModbusTcpClient(site.host, site.endpoints[0][2])
-        reader = _Counting(client, 1)
+        reader = RecordingReader(client, 1)
         try:
             card = await capture_card(reader, device, clock_ns=time.time_ns)
         finally:

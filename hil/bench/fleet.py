@@ -58,6 +58,7 @@ from drivers.modbus.config import A11_CARD_SCALARS, ModbusDevice, Table
 from drivers.modbus.driver import CARD_JOB, ModbusDriver
 from drivers.scheduling import Schedule
 from hil.bench import result_line
+from hil.bench.card import RecordingReader
 from hil.cards import well_profile
 from hil.wellsite import Endpoint, Wellsite, agent_devices_for
 from store_forward.facade import AsyncQueue
@@ -243,24 +244,11 @@ class _FloorConnection(asyncio.BufferedProtocol):
         return struct.unpack_from(f">{answer[8] >> 1}H", answer, 9)
 
 
-class _Recorder:
-    """A card reader that performs the reads and records them: the agent's request sequence of a card."""
-
-    def __init__(self, client: ModbusTcpClient, unit_id: int) -> None:
-        self.client, self.unit_id = client, unit_id
-        self.requests: list[tuple[Table, int, int]] = []
-
-    async def __call__(self, table: Table, start: int, count: int) -> Sequence[int]:
-        self.requests.append((table, start, count))
-        words = await self.client.read(table, start, count, unit_id=self.unit_id, timeout_s=5.0)
-        return [int(w) for w in words]
-
-
 async def _card_requests(device: ModbusDevice) -> list[tuple[Table, int, int]]:
     """The requests one full capture of the device's card costs, recorded from a capture."""
     client = ModbusTcpClient(device.host, device.port, timeout_s=5.0)
     try:
-        reader = _Recorder(client, device.unit_id)
+        reader = RecordingReader(client, device.unit_id)
         card = await capture_card(reader, device, clock_ns=time.time_ns)
         if card is None or card.quality != Quality.GOOD:
             raise RuntimeError(f"floor: {device.name} gave no card to record its requests from")
@@ -325,7 +313,7 @@ async def _serve_child(wells: int, card_interval_s: float, endpoints_file: Path)
     assert sim.stdout is not None
     line = await asyncio.to_thread(sim.stdout.readline)
     if not line:
-        sim.wait(30)
+        await asyncio.to_thread(sim.wait, 30)
         raise RuntimeError("the simulator exited before serving")
     await asyncio.to_thread(endpoints_file.write_text, line)
     return sim
